@@ -1,0 +1,264 @@
+"""CoMatch (ALGORITHMS.md §5) and its two extensions, CoMatch+CCSSL (§7.3) and CoMatch+Triplet (§6).
+
+The three share one step: distribution alignment, memory smoothing, the pseudo-label graph and the
+graph-contrastive loss, with a memory bank and DA history carried in fixed-shape state so the
+step jits once. The extensions only add a term on the strong0 embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ssl_jax import losses
+from ssl_jax.algorithms import ccssl
+from ssl_jax.algorithms.base import Algorithm, AlgorithmState, Metrics
+
+UNLABELLED_VIEWS = ("u_w", "u_s0", "u_s1")
+
+
+def queue_size(cfg: ml_collections.ConfigDict, *, batch_size: int, mu: int) -> int:
+    """K = queue_batch·(mu+1)·B: a multiple of the B+Bu rows written per step (§5.6)."""
+    return cfg.queue_batch * (mu + 1) * batch_size
+
+
+def init_state(
+    cfg: ml_collections.ConfigDict, *, num_classes: int, low_dim: int, batch_size: int, mu: int
+) -> AlgorithmState:
+    """Zero bank, pointer 0, empty DA history (length 0 in a fixed (da_len, C) buffer)."""
+    k = queue_size(cfg, batch_size=batch_size, mu=mu)
+    return {
+        "queue_feats": jnp.zeros((k, low_dim), jnp.float32),
+        "queue_probs": jnp.zeros((k, num_classes), jnp.float32),
+        "queue_ptr": jnp.zeros((), jnp.int32),
+        "prob_hist": jnp.zeros((cfg.da_len, num_classes), jnp.float32),
+        "prob_hist_len": jnp.zeros((), jnp.int32),
+    }
+
+
+def state_from_reference(
+    *, queue_feats, queue_probs, queue_ptr, prob_hist, da_len: int
+) -> AlgorithmState:
+    """Builds the state from the reference's bank and oldest-first DA history list."""
+    prob_hist = np.asarray(prob_hist, np.float32)
+    h, c = prob_hist.shape
+    if h > da_len:
+        raise ValueError(f"DA history has {h} entries, more than da_len={da_len}")
+    buffer = np.zeros((da_len, c), np.float32)
+    buffer[:h] = prob_hist
+    return {
+        "queue_feats": jnp.asarray(queue_feats, jnp.float32),
+        "queue_probs": jnp.asarray(queue_probs, jnp.float32),
+        "queue_ptr": jnp.asarray(queue_ptr, jnp.int32),
+        "prob_hist": jnp.asarray(buffer),
+        "prob_hist_len": jnp.asarray(h, jnp.int32),
+    }
+
+
+def da_history(state: AlgorithmState) -> np.ndarray:
+    """The DA history as the reference's oldest-first list, shape (len, C)."""
+    return np.asarray(state["prob_hist"])[: int(state["prob_hist_len"])]
+
+
+def split_views(x: jax.Array, batch_size: int, num_views: int) -> list[jax.Array]:
+    """Splits ``[x (B) ; view_1 (Bu) ; ... ; view_V (Bu)]`` along the batch axis."""
+    bu = (x.shape[0] - batch_size) // num_views
+    if batch_size + num_views * bu != x.shape[0]:
+        raise ValueError(f"{x.shape[0]} rows do not split into B={batch_size} + {num_views}*Bu")
+    return [x[:batch_size]] + [
+        x[batch_size + v * bu : batch_size + (v + 1) * bu] for v in range(num_views)
+    ]
+
+
+def comatch_terms(
+    *,
+    logits: jax.Array,
+    feats: jax.Array,
+    batch: Mapping[str, jax.Array],
+    state: AlgorithmState,
+    epoch: jax.Array,
+    iteration: jax.Array,
+    cfg: ml_collections.ConfigDict,
+) -> dict[str, Any]:
+    """The shared CoMatch step (§5.2–§5.9): losses, intermediates and the new state.
+
+    Returns a dict with ``loss_x``, ``loss_u``, ``loss_c`` (scalars), ``probs_da``, ``probs``,
+    ``mask``, ``guess``, ``Q``, ``pos_mask``, ``sim_probs``, ``smoothing_applied``, the strong
+    embeddings ``feats_s0``/``feats_s1`` (with gradient) and ``new_state``.
+    """
+    logits = logits.astype(jnp.float32)
+    feats = feats.astype(jnp.float32)
+    labels_x = batch["y"]
+    b = labels_x.shape[0]
+    logits_x, logits_w, logits_s0, _ = split_views(logits, b, 3)
+    feats_x, feats_w, feats_s0, feats_s1 = split_views(feats, b, 3)
+    num_classes = logits.shape[1]
+
+    loss_x = jnp.mean(losses.cross_entropy(logits=logits_x, labels=labels_x))
+
+    # §5.3–§5.7 are bookkeeping on constants: no gradient reaches u_w or x (§5.10).
+    feats_w = jax.lax.stop_gradient(feats_w)
+    feats_x = jax.lax.stop_gradient(feats_x)
+    probs = jax.nn.softmax(jax.lax.stop_gradient(logits_w), axis=1)
+    probs_da, prob_hist, prob_hist_len = losses.distribution_alignment(
+        probs=probs, history=state["prob_hist"], history_len=state["prob_hist_len"]
+    )
+    # §5.4 / Q4: `iteration` restarts every epoch, so smoothing is always on after epoch 0.
+    smoothing_applied = jnp.logical_or(epoch > 0, iteration > cfg.queue_batch)
+    smoothed = losses.memory_smoothing(
+        probs=probs_da,
+        feats=feats_w,
+        queue_feats=state["queue_feats"],
+        queue_probs=state["queue_probs"],
+        temperature=cfg.T,
+        alpha=cfg.alpha,
+    )
+    probs = jnp.where(smoothing_applied, smoothed, probs_da)
+    scores = jnp.max(probs, axis=1)
+    guess = jnp.argmax(probs, axis=1).astype(jnp.int32)
+    mask = (scores >= cfg.threshold).astype(jnp.float32)
+
+    # §5.6: the bank sees this step's rows only from the next step on.
+    ptr = state["queue_ptr"]
+    new_feats = jnp.concatenate([feats_w, feats_x], axis=0)
+    new_probs = jnp.concatenate([probs_da, jax.nn.one_hot(labels_x, num_classes)], axis=0)
+    k = state["queue_feats"].shape[0]
+    new_state = {
+        "queue_feats": jax.lax.dynamic_update_slice(state["queue_feats"], new_feats, (ptr, 0)),
+        "queue_probs": jax.lax.dynamic_update_slice(state["queue_probs"], new_probs, (ptr, 0)),
+        "queue_ptr": ((ptr + new_feats.shape[0]) % k).astype(jnp.int32),
+        "prob_hist": prob_hist,
+        "prob_hist_len": prob_hist_len,
+    }
+
+    graph, pos_mask = losses.pseudo_label_graph(probs=probs, threshold=cfg.contrast_threshold)
+    sim_probs = losses.embedding_graph(anchors=feats_s0, others=feats_s1, temperature=cfg.T)
+    loss_c = jnp.mean(losses.graph_contrastive_loss(sim_probs=sim_probs, targets=graph))
+    loss_u = jnp.mean(losses.soft_cross_entropy(logits=logits_s0, targets=probs) * mask)
+
+    return {
+        "loss_x": loss_x,
+        "loss_u": loss_u,
+        "loss_c": loss_c,
+        "probs_da": probs_da,
+        "probs": probs,
+        "scores": scores,
+        "mask": mask,
+        "guess": guess,
+        "Q": graph,
+        "pos_mask": pos_mask,
+        "sim_probs": sim_probs,
+        "smoothing_applied": smoothing_applied,
+        "feats_s0": feats_s0,
+        "feats_s1": feats_s1,
+        "new_state": new_state,
+    }
+
+
+def _base_metrics(terms: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> Metrics:
+    return {
+        "loss_x": terms["loss_x"],
+        "loss_u": terms["loss_u"],
+        "loss_c": terms["loss_c"],
+        "mask_prob": jnp.mean(terms["mask"]),
+        "pseudo_acc": losses.masked_accuracy(
+            predictions=terms["guess"], labels=batch["u_y"], mask=terms["mask"]
+        ),
+    }
+
+
+def _base_loss(terms: Mapping[str, Any], cfg: ml_collections.ConfigDict) -> jax.Array:
+    return terms["loss_x"] + cfg.lambda_u * terms["loss_u"] + cfg.lambda_c * terms["loss_c"]
+
+
+def comatch_loss(*, logits, feats, batch, state, epoch, iteration, cfg):
+    """CoMatch: ``L = L_x + λu·L_u + λc·L_c``."""
+    terms = comatch_terms(
+        logits=logits,
+        feats=feats,
+        batch=batch,
+        state=state,
+        epoch=epoch,
+        iteration=iteration,
+        cfg=cfg,
+    )
+    loss = _base_loss(terms, cfg)
+    metrics = {"loss": loss, **_base_metrics(terms, batch)}
+    return loss, (terms["new_state"], metrics)
+
+
+def comatch_ccssl_loss(*, logits, feats, batch, state, epoch, iteration, cfg):
+    """CoMatch+CCSSL (§7.3): adds ``λccssl·L_ccssl`` on (zs0, zs1) with smoothed confidences."""
+    terms = comatch_terms(
+        logits=logits,
+        feats=feats,
+        batch=batch,
+        state=state,
+        epoch=epoch,
+        iteration=iteration,
+        cfg=cfg,
+    )
+    loss_ccssl = ccssl.ccssl_term(
+        view0=terms["feats_s0"],
+        view1=terms["feats_s1"],
+        confidence=terms["scores"],
+        labels=terms["guess"],
+        cfg=cfg,
+    )
+    loss = _base_loss(terms, cfg) + cfg.lambda_ccssl * loss_ccssl
+    metrics = {"loss": loss, **_base_metrics(terms, batch), "loss_ccssl": loss_ccssl}
+    return loss, (terms["new_state"], metrics)
+
+
+def comatch_triplet_loss(*, logits, feats, batch, state, epoch, iteration, cfg):
+    """CoMatch+Triplet (§6): adds ``λdml·L_dml`` on zs0 with the unmasked hard guesses (Q13)."""
+    terms = comatch_terms(
+        logits=logits,
+        feats=feats,
+        batch=batch,
+        state=state,
+        epoch=epoch,
+        iteration=iteration,
+        cfg=cfg,
+    )
+    loss_dml, stats = losses.semihard_triplet_loss(
+        embeddings=terms["feats_s0"], labels=terms["guess"], margin=cfg.triplet_margin
+    )
+    loss = _base_loss(terms, cfg) + cfg.lambda_dml * loss_dml
+    metrics = {
+        "loss": loss,
+        **_base_metrics(terms, batch),
+        "loss_dml": loss_dml,
+        "triplet_valid": stats.valid.astype(jnp.float32),
+        "triplet_mined": stats.mined.astype(jnp.float32),
+        "triplet_positive": stats.positive.astype(jnp.float32),
+    }
+    return loss, (terms["new_state"], metrics)
+
+
+COMATCH = Algorithm(
+    name="comatch",
+    unlabelled_views=UNLABELLED_VIEWS,
+    needs_projection=True,
+    init_state=init_state,
+    loss_from_outputs=comatch_loss,
+)
+COMATCH_CCSSL = Algorithm(
+    name="comatch_ccssl",
+    unlabelled_views=UNLABELLED_VIEWS,
+    needs_projection=True,
+    init_state=init_state,
+    loss_from_outputs=comatch_ccssl_loss,
+)
+COMATCH_TRIPLET = Algorithm(
+    name="comatch_triplet",
+    unlabelled_views=UNLABELLED_VIEWS,
+    needs_projection=True,
+    init_state=init_state,
+    loss_from_outputs=comatch_triplet_loss,
+)

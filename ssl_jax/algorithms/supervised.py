@@ -1,0 +1,30 @@
+"""Supervised baseline (ALGORITHMS.md §7.4): cross entropy on the labelled batch only."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from ssl_jax import losses
+from ssl_jax.algorithms.base import Algorithm
+
+
+def init_state(cfg, *, num_classes, low_dim, batch_size, mu):
+    """Stateless."""
+    del cfg, num_classes, low_dim, batch_size, mu
+    return {}
+
+
+def supervised_loss(*, logits, feats, batch, state, epoch, iteration, cfg):
+    """``L = L_x``; the unlabelled batches the loop draws are never forwarded."""
+    del feats, epoch, iteration, cfg
+    loss_x = jnp.mean(losses.cross_entropy(logits=logits.astype(jnp.float32), labels=batch["y"]))
+    return loss_x, (state, {"loss": loss_x, "loss_x": loss_x})
+
+
+SUPERVISED = Algorithm(
+    name="supervised",
+    unlabelled_views=(),
+    needs_projection=False,
+    init_state=init_state,
+    loss_from_outputs=supervised_loss,
+)

@@ -1,0 +1,216 @@
+"""The per-step training batch (ALGORITHMS.md §2.3) as a grain pipeline, and the test batches.
+
+Two sample streams run side by side: the labelled stream draws batch B from the labelled set,
+the unlabelled stream batch mu*B from the unlabelled set; each walks a fresh seeded permutation
+per pass, drops the incomplete last batch and never ends (a set smaller than its batch is tiled
+first, so every pass fills at least one batch; the reference instead repeated a too-small
+labelled list ceil(B * eval_step / n) times — the same kind of with-replacement-across-copies
+draw). The batch at step k is a pure function of (seed, k):
+
+    pass, slot = divmod(k, n // batch)           permutation = default_rng([seed, stream, pass])
+    augmentation draws of example j of view v = default_rng([seed, view_stream[v], k, j])
+
+so any step can be produced alone: the grain pipeline is just `range(start_step, total_steps)`
+mapped through `BatchMaker`, which makes a resumed run (from `start_step` or from a grain
+iterator state) bit-identical to an uninterrupted one, and multiprocess prefetch (each worker
+takes every W-th step) identical to in-process.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator, Sequence
+
+import grain
+import numpy as np
+
+from ssl_jax.data import augment_host
+from ssl_jax.data.sources import ImageSet
+
+UNLABELLED_VIEWS = ("u_w", "u_s0", "u_s1")
+SAMPLE_STREAMS = {"labelled": 1, "unlabelled": 2}
+VIEW_STREAMS = {"x": 10, "u_w": 11, "u_s0": 12, "u_s1": 13}
+MODES = ("host", "indices")
+
+
+@functools.lru_cache(maxsize=8)
+def _pass_permutation(seed: int, stream: int, pass_index: int, pool_size: int) -> np.ndarray:
+    return np.random.default_rng([seed, stream, pass_index]).permutation(pool_size)
+
+
+def stream_indices(n: int, batch_size: int, *, seed: int, stream: int, step: int) -> np.ndarray:
+    """Indices (into a set of n) of the batch at `step` of one infinite drop-last sampler."""
+    if n <= 0:
+        raise ValueError("cannot sample from an empty set")
+    copies = -(-batch_size // n)  # tile a set smaller than one batch
+    pool_size = n * copies
+    steps_per_pass = pool_size // batch_size
+    pass_index, slot = divmod(step, steps_per_pass)
+    permutation = _pass_permutation(seed, stream, pass_index, pool_size)
+    return permutation[slot * batch_size : (slot + 1) * batch_size] % n
+
+
+def _view_rng(seed: int, view: str, step: int, position: int) -> np.random.Generator:
+    return np.random.default_rng([seed, VIEW_STREAMS[view], step, position])
+
+
+class BatchMaker:
+    """step -> the numpy batch dict of that step; picklable, so grain workers can run it."""
+
+    def __init__(
+        self,
+        labelled: ImageSet,
+        unlabelled: ImageSet,
+        *,
+        seed: int,
+        batch_size: int,
+        mu: int,
+        views: Sequence[str],
+        mode: str = "host",
+        randaugment_n: int = 2,
+        randaugment_m: int = 10,
+        cutout: int = 16,
+    ):
+        unknown = [v for v in views if v not in UNLABELLED_VIEWS]
+        if unknown:
+            raise ValueError(f"unknown unlabelled views {unknown}; known: {UNLABELLED_VIEWS}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if seed < 0:
+            raise ValueError(f"config.seed must be >= 0 for the data streams, got {seed}")
+        self.labelled_images = labelled.images
+        self.labelled_labels = np.asarray(labelled.labels, np.int32)
+        self.unlabelled_images = unlabelled.images
+        self.unlabelled_labels = np.asarray(unlabelled.labels, np.int32)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.unlabelled_batch_size = int(mu) * int(batch_size)
+        self.views = tuple(views)
+        self.mode = mode
+        self.strong0_kwargs = {"n": randaugment_n, "m": randaugment_m, "cutout": cutout}
+        if len(self.labelled_images) == 0:
+            raise ValueError("the labelled set is empty")
+        if self.views and len(self.unlabelled_images) == 0:
+            raise ValueError("the unlabelled set is empty")
+
+    def _augment(self, view: str, images, indices: np.ndarray, step: int) -> np.ndarray:
+        fn = augment_host.STREAMS[view]
+        kwargs = self.strong0_kwargs if view == "u_s0" else {}
+        out = [
+            fn(images[i], _view_rng(self.seed, view, step, j), **kwargs)
+            for j, i in enumerate(indices)
+        ]
+        return np.stack(out).astype(np.uint8, copy=False)
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        step = int(step)
+        x_index = stream_indices(
+            len(self.labelled_images),
+            self.batch_size,
+            seed=self.seed,
+            stream=SAMPLE_STREAMS["labelled"],
+            step=step,
+        )
+        batch = {
+            "y": self.labelled_labels[x_index],
+            "x_index": x_index.astype(np.int32),
+        }
+        if self.mode == "host":
+            batch["x"] = self._augment("x", self.labelled_images, x_index, step)
+        if self.views:
+            u_index = stream_indices(
+                len(self.unlabelled_images),
+                self.unlabelled_batch_size,
+                seed=self.seed,
+                stream=SAMPLE_STREAMS["unlabelled"],
+                step=step,
+            )
+            batch["u_y"] = self.unlabelled_labels[u_index]
+            batch["u_index"] = u_index.astype(np.int32)
+            if self.mode == "host":
+                for view in self.views:
+                    batch[view] = self._augment(view, self.unlabelled_images, u_index, step)
+        return batch
+
+
+def _ensure_flags_parsed() -> None:
+    """grain's multiprocessing reads absl flags; outside `app.run` (tests, notebooks): defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def num_workers(setting: int) -> int:
+    """`config.data.workers`: -1 = one per CPU core, 0 = in-process."""
+    return (os.cpu_count() or 1) if setting == -1 else int(setting)
+
+
+def train_iterator(
+    data,
+    config,
+    *,
+    views: Sequence[str],
+    start_step: int = 0,
+    mode: str = "host",
+) -> grain.DatasetIterator:
+    """The training batches of steps start_step .. total_steps-1, as a checkpointable iterator.
+
+    Resume either by building with `start_step=step`, or by building with the same
+    `start_step` as the saved run and calling `set_state` with the saved grain state (grain's
+    position is counted from `start_step`). Both give the batches an uninterrupted run would.
+    `mode="indices"` makes the same batches without images (for device augmentation).
+    """
+    augment = config.get("augment", {})
+    maker = BatchMaker(
+        data.labelled,
+        data.unlabelled,
+        seed=int(config.seed),
+        batch_size=int(config.data.batch_size),
+        mu=int(config.data.mu),
+        views=views,
+        mode=mode,
+        randaugment_n=int(augment.get("randaugment_n", 2)),
+        randaugment_m=int(augment.get("randaugment_m", 10)),
+        cutout=int(augment.get("cutout", 16)),
+    )
+    total_steps = int(config.train.total_steps)
+    if not 0 <= start_step <= total_steps:
+        raise ValueError(f"start_step {start_step} outside [0, total_steps={total_steps}]")
+    dataset = grain.MapDataset.range(start_step, total_steps).map(maker)
+    workers = num_workers(config.data.workers) if mode == "host" else 0
+    if workers > 0:
+        _ensure_flags_parsed()
+        # Each worker makes every W-th batch, one at a time, a couple of batches ahead.
+        iter_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+        iter_ds = iter_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+        )
+    else:
+        # One background thread prepares the next batch while the train step runs.
+        iter_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    return iter(iter_ds)
+
+
+def test_batches(imageset: ImageSet, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Centre-cropped test views in order, the last batch padded (mask False) to `batch_size`.
+
+    A fixed batch shape means the evaluation function compiles once.
+    """
+    n = len(imageset)
+    size = augment_host.CROP_SIZE
+    labels = np.asarray(imageset.labels, np.int32)
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        image = np.zeros((batch_size, size, size, 3), np.uint8)
+        label = np.zeros((batch_size,), np.int32)
+        mask = np.zeros((batch_size,), bool)
+        for j, i in enumerate(range(start, stop)):
+            image[j] = augment_host.test_view(imageset.images[i])
+        label[: stop - start] = labels[start:stop]
+        mask[: stop - start] = True
+        yield {"image": image, "label": label, "mask": mask}
+
+
+test_batches.__test__ = False  # an evaluation input, not a pytest test, when imported into tests

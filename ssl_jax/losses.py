@@ -1,0 +1,243 @@
+"""Small pure loss kernels shared by the algorithms (ALGORITHMS.md §5–§7).
+
+Every kernel is keyword-only and, where a mask may apply, returns per-example values so the
+caller masks and reduces. Similarity matmuls request ``Precision.HIGHEST``: on accelerators JAX
+may otherwise use TF32/bf16 passes, which flips borderline triplets and pseudo-label-graph
+edges relative to the float32 reference.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` at full float32 precision (no TF32), as the reference computes it."""
+    return jnp.matmul(a, b, precision=HIGHEST)
+
+
+# ----------------------------------------------------------------------- classification
+
+
+def cross_entropy(*, logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross entropy with integer labels, shape (N,)."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+def soft_cross_entropy(*, logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-example ``-sum_c targets_c * log_softmax(logits)_c``, shape (N,) (CoMatch's L_u)."""
+    return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def masked_accuracy(*, predictions: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """``sum(mask * [pred == label]) / max(sum(mask), 1)``: the logged pseudo-label accuracy.
+
+    Examples with an unknown label (``-1``: images outside the class subset, swept in by the
+    seed_code whole-folder option) are left out rather than counted as wrong.
+    """
+    mask = mask * (labels >= 0).astype(jnp.float32)
+    correct = (predictions == labels).astype(jnp.float32) * mask
+    return jnp.sum(correct) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+# ------------------------------------------------------------------- CoMatch pieces (§5)
+
+
+def distribution_alignment(
+    *, probs: jax.Array, history: jax.Array, history_len: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """§5.3: append the batch-mean prediction to the history, divide by the history mean.
+
+    ``history`` is a fixed (da_len, C) buffer holding ``history_len`` valid rows, oldest first
+    (rows past ``history_len`` are zero). When full, the oldest row is dropped. Returns
+    ``(aligned_probs, new_history, new_history_len)``; everything is meant to be under
+    stop-gradient.
+    """
+    da_len = history.shape[0]
+    full = history_len >= da_len
+    # Oldest-first buffer: when full, shift everything up one row and write at the end.
+    shifted = jnp.where(full, jnp.roll(history, -1, axis=0), history)
+    write_at = jnp.minimum(history_len, da_len - 1)
+    batch_mean = jnp.mean(probs, axis=0)
+    new_history = jax.lax.dynamic_update_slice(shifted, batch_mean[None, :], (write_at, 0))
+    new_len = jnp.minimum(history_len + 1, da_len).astype(jnp.int32)
+    valid = (jnp.arange(da_len) < new_len)[:, None]
+    history_mean = jnp.sum(jnp.where(valid, new_history, 0.0), axis=0) / new_len
+    aligned = probs / history_mean
+    aligned = aligned / jnp.sum(aligned, axis=1, keepdims=True)
+    return aligned, new_history, new_len
+
+
+def memory_smoothing(
+    *,
+    probs: jax.Array,
+    feats: jax.Array,
+    queue_feats: jax.Array,
+    queue_probs: jax.Array,
+    temperature: float,
+    alpha: float,
+) -> jax.Array:
+    """§5.4: ``alpha*p + (1-alpha) * softmax_rows(feats·QFᵀ/T) · QP`` (no max-subtraction, Q14)."""
+    affinity = jnp.exp(matmul(feats, queue_feats.T) / temperature)
+    affinity = affinity / jnp.sum(affinity, axis=1, keepdims=True)
+    return alpha * probs + (1.0 - alpha) * matmul(affinity, queue_probs)
+
+
+def pseudo_label_graph(*, probs: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array]:
+    """§5.7: thresholded, row-normalised ``p·pᵀ`` with self-loops. Returns ``(Q, pos_mask)``."""
+    graph = matmul(probs, probs.T)
+    eye = jnp.eye(graph.shape[0], dtype=bool)
+    graph = jnp.where(eye, 1.0, graph)  # self-loop set before thresholding
+    pos_mask = (graph >= threshold).astype(graph.dtype)
+    graph = graph * pos_mask
+    return graph / jnp.sum(graph, axis=1, keepdims=True), pos_mask
+
+
+def embedding_graph(*, anchors: jax.Array, others: jax.Array, temperature: float) -> jax.Array:
+    """§5.8: row-normalised ``exp(anchors·othersᵀ / T)`` (not symmetrised)."""
+    sim = jnp.exp(matmul(anchors, others.T) / temperature)
+    return sim / jnp.sum(sim, axis=1, keepdims=True)
+
+
+def graph_contrastive_loss(*, sim_probs: jax.Array, targets: jax.Array) -> jax.Array:
+    """§5.8 per anchor: ``-sum_j Q_ij log(P_ij + 1e-7)``, shape (Bu,)."""
+    return -jnp.sum(jnp.log(sim_probs + 1e-7) * targets, axis=1)
+
+
+# ------------------------------------------------------------------------------ CCSSL (§7)
+
+
+def ccssl_select_matrix(*, confidence: jax.Array, t_push: float) -> jax.Array:
+    """§7.2 OD selection: ``Sel_ij = [i == j] or ([c_i >= T_push] and [c_j >= T_push])``."""
+    confident = confidence >= t_push
+    both = confident[:, None] & confident[None, :]
+    eye = jnp.eye(confidence.shape[0], dtype=bool)
+    return (both | eye).astype(jnp.float32)
+
+
+def class_aware_contrastive_loss(
+    *,
+    view0: jax.Array,
+    view1: jax.Array,
+    confidence: jax.Array,
+    labels: jax.Array,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+    select: jax.Array | None = None,
+    diag_weight: str = "one",
+) -> jax.Array:
+    """§7.1 soft SupCon with confidence re-weighting. Per-anchor losses, shape (2, n).
+
+    Row 0 holds the view-0 anchors, row 1 the view-1 anchors; the loss is their mean.
+    ``diag_weight`` is "one" (latest reference) or "confidence_squared" (older revisions, Q5).
+    Confidences, labels and selection are constants: no gradient flows into them.
+    """
+    n = view0.shape[0]
+    confidence = jax.lax.stop_gradient(confidence)
+    same_label = (labels[:, None] == labels[None, :]).astype(jnp.float32)
+    weights = confidence[:, None] * confidence[None, :]
+    if diag_weight == "one":
+        weights = jnp.where(jnp.eye(n, dtype=bool), 1.0, weights)
+    elif diag_weight != "confidence_squared":
+        raise ValueError(f"diag_weight must be 'one' or 'confidence_squared', got {diag_weight!r}")
+    weights = same_label * weights
+    if select is not None:
+        weights = weights * jax.lax.stop_gradient(select)
+
+    feats = jnp.concatenate([view0, view1], axis=0)  # row v*n + i
+    logits = matmul(feats, feats.T) / temperature
+    logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=1, keepdims=True))
+    not_self = 1.0 - jnp.eye(2 * n, dtype=jnp.float32)
+    pos_weights = jnp.tile(weights, (2, 2)) * not_self
+    exp_logits = jnp.exp(logits) * not_self
+    log_prob = logits - jnp.log(jnp.sum(exp_logits, axis=1, keepdims=True))
+    mean_log_prob_pos = jnp.sum(pos_weights * log_prob, axis=1) / jnp.sum(pos_weights, axis=1)
+    per_anchor = -(temperature / base_temperature) * mean_log_prob_pos
+    return per_anchor.reshape(2, n)
+
+
+# ----------------------------------------------------------------- semi-hard triplet (§6)
+
+
+class TripletMasks(NamedTuple):
+    """Boolean (B, B, B) masks indexed ``[anchor, positive, negative]``."""
+
+    valid: jax.Array  # a != p, y_a == y_p, y_n != y_a
+    mined: jax.Array  # valid and 0 < S_ap - S_an <= margin (semi-hard)
+    ties: jax.Array  # valid and S_ap == S_an exactly (never mined)
+
+
+class TripletStats(NamedTuple):
+    """int32 counts of one triplet-loss evaluation (diagnostics; no gradient)."""
+
+    valid: jax.Array
+    mined: jax.Array
+    positive: jax.Array  # mined triplets with loss > 0: the mean's denominator
+    ties: jax.Array
+
+
+def cosine_similarity(embeddings: jax.Array) -> jax.Array:
+    """``Ê·Êᵀ`` with ``Ê = e / max(||e||, 1e-12)``, the metric library's cosine similarity."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(embeddings), axis=1, keepdims=True))
+    unit = embeddings / jnp.maximum(norm, 1e-12)
+    return matmul(unit, unit.T)
+
+
+def semihard_triplet_masks(
+    *, similarity: jax.Array, labels: jax.Array, margin: float
+) -> TripletMasks:
+    """§6 miner on a similarity matrix (larger = closer), as fixed-shape (B, B, B) masks."""
+    b = labels.shape[0]
+    same = labels[:, None] == labels[None, :]
+    positive_pair = same & ~jnp.eye(b, dtype=bool)
+    valid = positive_pair[:, :, None] & ~same[:, None, :]
+    sim_ap = similarity[:, :, None]
+    sim_an = similarity[:, None, :]
+    triplet_margin = sim_ap - sim_an  # similarity: the margin flips sign vs. distances
+    mined = valid & (triplet_margin > 0) & (triplet_margin <= margin)
+    ties = valid & (sim_ap == sim_an)
+    return TripletMasks(valid=valid, mined=mined, ties=ties)
+
+
+def semihard_triplet_loss(
+    *, embeddings: jax.Array, labels: jax.Array, margin: float = 0.2
+) -> tuple[jax.Array, TripletStats]:
+    """§6: semi-hard cosine triplet loss, mean over mined triplets with loss > 0.
+
+    Mask-based: no Python loops or data-dependent shapes, so one compilation serves every
+    batch. When nothing is kept the loss is exactly 0 and its gradient exactly zero.
+    """
+    return semihard_triplet_loss_from_similarity(
+        similarity=cosine_similarity(embeddings), labels=labels, margin=margin
+    )
+
+
+def semihard_triplet_loss_from_similarity(
+    *, similarity: jax.Array, labels: jax.Array, margin: float = 0.2
+) -> tuple[jax.Array, TripletStats]:
+    """The §6 miner, loss and ThresholdReducer(low=0) on a given (B, B) similarity matrix.
+
+    Gradient w.r.t. S: +1/N on each kept S_an, -1/N on each kept S_ap; the masks carry none.
+    """
+    masks = semihard_triplet_masks(
+        similarity=jax.lax.stop_gradient(similarity), labels=labels, margin=margin
+    )
+    # relu((S_an - S_ap) + margin), evaluated in the reference's order.
+    per_triplet = jax.nn.relu(similarity[:, None, :] - similarity[:, :, None] + margin)
+    # The reducer keeps strictly positive losses: a mined triplet at exactly the margin drops out.
+    keep = masks.mined & (jax.lax.stop_gradient(per_triplet) > 0)
+    num_kept = jnp.sum(keep, dtype=jnp.int32)
+    loss = jnp.sum(jnp.where(keep, per_triplet, 0.0)) / jnp.maximum(num_kept, 1)
+    stats = TripletStats(
+        valid=jnp.sum(masks.valid, dtype=jnp.int32),
+        mined=jnp.sum(masks.mined, dtype=jnp.int32),
+        positive=num_kept,
+        ties=jnp.sum(masks.ties, dtype=jnp.int32),
+    )
+    return loss, stats

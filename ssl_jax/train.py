@@ -1,0 +1,531 @@
+"""One generic jitted train step for every algorithm, and the training loop.
+
+The step (`train_step`) is a module-level pure function: it forwards the concatenated batch
+``[x ; unlabelled views]`` through the model once, hands the outputs to the algorithm's pure
+``loss_from_outputs`` (which also advances the algorithm's state: memory bank, DA history),
+applies SGD and the EMA. It is jitted once with the state donated; the per-step randomness
+(device augmentation) is ``fold_in(state.rng, step)``, so a resumed run is bit-identical.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metrics as clu_metrics
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ssl_jax import checkpoint as checkpoint_lib
+from ssl_jax import data as data_lib
+from ssl_jax import metric_writers, optim
+from ssl_jax.algorithms import get_algorithm
+from ssl_jax.algorithms.base import Algorithm
+from ssl_jax.data.normalize import to_network_input
+from ssl_jax.models import get_model
+
+# How many times each jitted function was traced; a test guards against recompilation.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+PRECISIONS = {"float32": jnp.float32, "bf16": jnp.bfloat16}
+AUGMENT_WHERE = ("host", "device", "auto")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a logged loss (or the parameters) stop being finite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; saved whole in every checkpoint."""
+
+    step: jax.Array  # int32 scalar: number of optimizer updates done
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any
+    ema_batch_stats: Any  # copied from the online model after every step (§4.3)
+    algo_state: Any  # memory bank, DA history, ... ({} for stateless methods)
+    rng: jax.Array  # raw uint32[2] key; per-step keys are fold_in(rng, step)
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Fails early, naming the key, on values the loop cannot honour."""
+    t = config.train
+    for key in ("total_steps", "steps_per_epoch", "log_every", "checkpoint_every"):
+        if int(t[key]) <= 0:
+            raise ValueError(f"config.train.{key} must be positive, got {t[key]}.")
+    for key in ("steps_per_epoch", "checkpoint_every"):
+        if t[key] % t.log_every:
+            raise ValueError(
+                f"config.train.log_every ({t.log_every}) must divide config.train.{key} "
+                f"({t[key]}) so that checkpoints fall on logging boundaries."
+            )
+    if config.precision not in PRECISIONS:
+        raise ValueError(
+            f"config.precision must be one of {sorted(PRECISIONS)}, got {config.precision!r}."
+        )
+    if config.augment.where not in AUGMENT_WHERE:
+        raise ValueError(
+            f"config.augment.where must be one of {AUGMENT_WHERE}, got {config.augment.where!r}."
+        )
+    get_algorithm(config.algorithm.name)  # raises with the known names
+
+
+def resolve_augment_where(config: ml_collections.ConfigDict) -> str:
+    """`auto` means on the device wherever there is an accelerator, on the host otherwise."""
+    if config.augment.where != "auto":
+        return config.augment.where
+    return "host" if jax.default_backend() == "cpu" else "device"
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int, algorithm: Algorithm):
+    return get_model(
+        config.model.name,
+        num_classes,
+        config.model.low_dim if algorithm.needs_projection else 0,
+        width=config.model.width,
+        dtype=PRECISIONS[config.precision],
+    )
+
+
+def images_per_step(config: ml_collections.ConfigDict, algorithm: Algorithm) -> int:
+    b = config.data.batch_size
+    return b + len(algorithm.unlabelled_views) * config.data.mu * b
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model,
+    algorithm: Algorithm,
+    tx: optax.GradientTransformation,
+    num_classes: int,
+) -> TrainState:
+    """Initial state; the EMA model starts as a copy of the initial model (§4.3)."""
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    size = config.data.crop_size
+    # Jitted: eager init would compile every initializer op separately (seconds on CPU).
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32))
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    algo_state = algorithm.init_state(
+        config.algorithm,
+        num_classes=num_classes,
+        low_dim=config.model.low_dim,
+        batch_size=config.data.batch_size,
+        mu=config.data.mu,
+    )
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params),
+        ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+        algo_state=algo_state,
+        rng=train_rng,
+    )
+
+
+# ------------------------------------------------------------------------------ the step
+
+
+def network_inputs(
+    batch: Mapping[str, jax.Array], views: tuple[str, ...], *, normalize_strong1: bool, dtype
+) -> jax.Array:
+    """Concatenates ``[x ; views...]`` as network input; strong1 stays in [0, 1] by default (Q3)."""
+    parts = [to_network_input(batch["x"], dtype=dtype)]
+    for view in views:
+        normalize = normalize_strong1 or view != "u_s1"
+        parts.append(to_network_input(batch[view], normalize=normalize, dtype=dtype))
+    return jnp.concatenate(parts, axis=0)
+
+
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    device_data: Any,
+    *,
+    model,
+    algorithm: Algorithm,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    augment_fn: Callable | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step of any algorithm (ALGORITHMS.md §8)."""
+    TRACE_COUNTS["train_step"] += 1
+    step = state.step
+    step_rng = jax.random.fold_in(state.rng, step)
+    if augment_fn is not None:  # on-device augmentation from the device-resident cache
+        batch = augment_fn(jax.random.fold_in(step_rng, 0), batch, device_data)
+    dtype = PRECISIONS[config.precision]
+    images = network_inputs(
+        batch,
+        algorithm.unlabelled_views,
+        normalize_strong1=config.augment.normalize_strong1,
+        dtype=dtype,
+    )
+    steps_per_epoch = config.train.steps_per_epoch
+
+    def loss_fn(params):
+        (logits, feats), mutated = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss, (algo_state, metrics) = algorithm.loss_from_outputs(
+            logits=logits.astype(jnp.float32),
+            feats=None if feats is None else feats.astype(jnp.float32),
+            batch=batch,
+            state=state.algo_state,
+            epoch=step // steps_per_epoch,
+            iteration=step % steps_per_epoch,
+            cfg=config.algorithm,
+        )
+        return loss, (mutated["batch_stats"], algo_state, metrics)
+
+    (_, (batch_stats, algo_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["param_norm"] = optax.global_norm(params)
+    new_state = state.replace(
+        step=step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        ema_params=optim.ema_update(state.ema_params, params, config.ema.decay),
+        ema_batch_stats=batch_stats,  # buffers are copied, not averaged
+        algo_state=algo_state,
+    )
+    return new_state, metrics
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D data-parallel mesh over the local devices (one device: the same code path)."""
+    devices = jax.local_devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def replicate(tree, mesh: Mesh):
+    """Parameters, optimizer and algorithm state live whole on every device."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Splits every batch array along its first axis over the mesh's devices.
+
+    The losses are global over the batch (graph contrastive, triplet mining, memory bank,
+    BatchNorm statistics): under jit XLA inserts the collectives, so the sharded step
+    computes the single-device function up to float reassociation.
+    """
+    n = mesh.devices.size
+    for key, value in batch.items():
+        if np.shape(value)[0] % n:
+            raise ValueError(
+                f"Batch entry {key!r} has {np.shape(value)[0]} rows, not divisible "
+                f"by the {n} devices; choose data.batch_size divisible by {n}."
+            )
+    return jax.device_put(dict(batch), NamedSharding(mesh, PartitionSpec("data")))
+
+
+def make_train_step(config, model, algorithm, tx, augment_fn=None, mesh: Mesh | None = None):
+    """The step jitted once, with the state donated (and kept replicated over `mesh`)."""
+    step = functools.partial(
+        train_step,
+        model=model,
+        algorithm=algorithm,
+        tx=tx,
+        config=config,
+        augment_fn=augment_fn,
+    )
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0,))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+@functools.cache
+def make_eval_step(model) -> Callable:
+    """Jitted inference forward (memoised per model; BN uses running statistics)."""
+
+    def eval_step(variables, images):
+        TRACE_COUNTS["eval_step"] += 1
+        logits, feats = model.apply(variables, to_network_input(images), train=False)
+        return logits.astype(jnp.float32), (None if feats is None else feats.astype(jnp.float32))
+
+    return jax.jit(eval_step)
+
+
+def predict_arrays(model, variables, batches) -> dict[str, np.ndarray]:
+    """Logits, embeddings and labels of every real (unpadded) example of `batches`."""
+    eval_step = make_eval_step(model)
+    logits, feats, labels = [], [], []
+    for batch in batches:
+        out_logits, out_feats = eval_step(variables, batch["image"])
+        keep = np.asarray(batch["mask"], bool)
+        logits.append(np.asarray(out_logits)[keep])
+        labels.append(np.asarray(batch["label"])[keep])
+        if out_feats is not None:
+            feats.append(np.asarray(out_feats)[keep])
+    out = {
+        "logits": np.concatenate(logits) if logits else np.zeros((0, 0), np.float32),
+        "labels": np.concatenate(labels) if labels else np.zeros((0,), np.int32),
+    }
+    if feats:
+        out["embeddings"] = np.concatenate(feats)
+    return out
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Percent of examples whose label is among the k largest logits (§4.4)."""
+    if len(labels) == 0:
+        raise ValueError("Cannot compute accuracy on an empty test set.")
+    k = min(k, logits.shape[1])
+    topk = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return float(100.0 * np.mean(np.any(topk == labels[:, None], axis=1)))
+
+
+def evaluate(model, params, batch_stats, batches) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    arrays = predict_arrays(model, {"params": params, "batch_stats": batch_stats}, batches)
+    result = {
+        "top1": topk_accuracy(arrays["logits"], arrays["labels"], 1),
+        "top5": topk_accuracy(arrays["logits"], arrays["labels"], 5),
+        "num_test": int(len(arrays["labels"])),
+    }
+    return result, arrays
+
+
+# ------------------------------------------------------------------------------- the loop
+
+
+def _metric_collection(names):
+    return clu_metrics.Collection.create(
+        **{name: clu_metrics.Average.from_output(name) for name in names}
+    )
+
+
+def peak_device_memory_bytes() -> int | None:
+    stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)()
+    return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """The resolved config beside the checkpoints, so eval needs nothing else."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
+
+
+def _embeddings_epochs(config, num_epochs: int) -> set[int]:
+    return {num_epochs if e == -1 else int(e) for e in config.train.save_embeddings_epochs}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (resuming from the latest checkpoint in `workdir`), evaluating the EMA each epoch."""
+    validate_config(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    checkpoint_lib.check_config_compatible(config, workdir)
+    save_config(config, workdir)
+
+    data = data_lib.load_dataset(config, workdir=workdir)
+    num_classes = len(data.class_names)
+    algorithm = get_algorithm(config.algorithm.name)
+    model = build_model(config, num_classes, algorithm)
+    tx = optim.make_optimizer(
+        config.optim, config.train.total_steps, _abstract_params(model, config)
+    )
+    state = create_train_state(config, model, algorithm, tx, num_classes)
+
+    where = resolve_augment_where(config)
+    data_iter = data_lib.train_iterator(
+        data,
+        config,
+        views=algorithm.unlabelled_views,
+        mode="host" if where == "host" else "indices",
+    )
+    device_data, augment_fn = None, None
+    if where == "device":
+        from ssl_jax.data import device_augment_views
+
+        device_data, augment_fn = device_augment_views(data, config, algorithm.unlabelled_views)
+
+    manager = checkpoint_lib.Checkpointer(workdir, config)
+    state, meta = manager.restore_or_keep(state, data_iter)
+    start_step = int(state.step)
+    if start_step >= config.train.total_steps:
+        logging.info(
+            "Nothing to do: the checkpoint is at step %d of %d.",
+            start_step,
+            config.train.total_steps,
+        )
+        manager.close()
+        return meta
+
+    mesh = make_mesh()
+    state = replicate(state, mesh)
+    if device_data is not None:
+        device_data = replicate(device_data, mesh)
+    step_fn = make_train_step(config, model, algorithm, tx, augment_fn, mesh)
+    writer = metric_writers.MetricWriter(workdir, start_step=start_step)
+    if start_step == 0:
+        writer.write(
+            "run",
+            0,
+            {
+                "protocol": data.protocol,
+                "split_hash": data.split_hash,
+                "num_labelled": len(data.labelled.labels),
+                "num_unlabelled": len(data.unlabelled.labels),
+                "num_test": len(data.test.labels),
+                "num_params": _param_count(state.params),
+                "augment_where": where,
+                "device": str(jax.devices()[0]),
+                "jax_version": jax.__version__,
+            },
+        )
+    else:
+        print(f"Resuming from step {start_step} ({workdir}).", flush=True)
+    per_step = images_per_step(config, algorithm)
+    progress = metric_writers.Progress(config.train.total_steps, per_step, start_step)
+    t = config.train
+    num_epochs = math.ceil(t.total_steps / t.steps_per_epoch)
+    embed_epochs = _embeddings_epochs(config, num_epochs)
+    lr_fn = optim.cosine_schedule(
+        config.optim.lr,
+        t.total_steps,
+        warmup_steps=config.optim.warmup_steps,
+        num_cycles=config.optim.num_cycles,
+    )
+    collection, accumulated = None, None
+    elapsed_before = float(meta.get("train_seconds", 0.0))
+    run_start = time.perf_counter()
+    test_batches = functools.partial(data_lib.test_batches, data.test, config.data.eval_batch_size)
+
+    try:
+        for step in range(start_step, t.total_steps):
+            batch = shard_batch(next(data_iter), mesh)
+            state, metrics = step_fn(state, batch, device_data)
+            if collection is None:
+                collection = _metric_collection(sorted(metrics))
+            update = collection.single_from_model_output(**metrics)
+            accumulated = update if accumulated is None else accumulated.merge(update)
+            done = step + 1
+            if done % t.log_every == 0 or done == t.total_steps:
+                values = {k: float(v) for k, v in accumulated.compute().items()}
+                if not (math.isfinite(values["loss"]) and math.isfinite(values["param_norm"])):
+                    writer.write("train", done, values)
+                    raise NonFiniteLossError(
+                        f"Non-finite loss or parameters between steps {done - t.log_every + 1} "
+                        f"and {done} (loss={values['loss']}, param_norm={values['param_norm']})."
+                        f" The last good checkpoint in {manager.directory} is untouched; lower "
+                        "the learning rate or check the data before resuming."
+                    )
+                values["lr"] = float(lr_fn(step))  # lr used by the last update of the interval
+                timing = progress.tick(done)
+                values.update(timing)
+                writer.write("train", done, values)
+                progress.line(done, values, timing)
+                accumulated = None
+            epoch_end = done % t.steps_per_epoch == 0 or done == t.total_steps
+            eval_result = None
+            if epoch_end:
+                epoch = math.ceil(done / t.steps_per_epoch)
+                eval_result, arrays = evaluate(
+                    model, state.ema_params, state.ema_batch_stats, test_batches()
+                )
+                history = meta.setdefault("eval_top1_history", [])
+                history.append(eval_result["top1"])
+                meta["best_top1"] = max(history)
+                meta["mean_top1_last"] = float(np.mean(history[-t.mean_of_last :]))
+                record = dict(
+                    eval_result,
+                    epoch=epoch,
+                    best_top1=meta["best_top1"],
+                    mean_top1_last=meta["mean_top1_last"],
+                )
+                peak = peak_device_memory_bytes()
+                if peak is not None:
+                    record["peak_device_memory_bytes"] = peak
+                writer.write("eval", done, record)
+                print(
+                    f"[epoch {epoch}] EMA top-1 {eval_result['top1']:.2f}  top-5 "
+                    f"{eval_result['top5']:.2f}  best {meta['best_top1']:.2f}  mean(last "
+                    f"{t.mean_of_last}) {meta['mean_top1_last']:.2f}",
+                    flush=True,
+                )
+                if epoch in embed_epochs and "embeddings" in arrays:
+                    _save_epoch_embeddings(workdir, epoch, done, arrays, data)
+            if epoch_end or done % t.checkpoint_every == 0:
+                meta["train_seconds"] = elapsed_before + time.perf_counter() - run_start
+                meta["step"] = done
+                manager.save(
+                    done,
+                    state,
+                    data_iter,
+                    meta,
+                    ema_top1=None if eval_result is None else eval_result["top1"],
+                )
+                progress.restart()  # img/s measures training steps, not evaluation or saving
+    finally:
+        manager.close()
+        writer.close()
+    return meta
+
+
+def _save_epoch_embeddings(workdir, epoch, step, arrays, data) -> None:
+    out = os.path.join(workdir, "embeddings")
+    os.makedirs(out, exist_ok=True)
+    np.savez_compressed(
+        os.path.join(out, f"epoch_{epoch:04d}.npz"),
+        embeddings=arrays["embeddings"],
+        labels=arrays["labels"],
+        predictions=np.argmax(arrays["logits"], axis=1).astype(np.int32),
+        class_names=np.asarray(data.class_names),
+        epoch=np.int32(epoch),
+        step=np.int32(step),
+    )
+
+
+def _abstract_params(model, config):
+    size = config.data.crop_size
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False)
+    )
+    return shapes["params"]
+
+
+def _param_count(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def dump_json(obj, path: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)

@@ -1,0 +1,200 @@
+"""End to end on real UCM10 images with tiny models: train, log, checkpoint, resume, evaluate."""
+
+import dataclasses
+import importlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssl_jax import checkpoint as checkpoint_lib
+from ssl_jax import evaluate, metric_writers, train
+from ssl_jax.algorithms import get_algorithm
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, shared_data):
+    return str(tmp_path_factory.mktemp("decoded_cache"))
+
+
+def tiny_config(name, cache_dir, **train_overrides):
+    config = importlib.import_module(f"configs.{name}").get_config("smoke")
+    config.train.total_steps = 8
+    config.train.steps_per_epoch = 4
+    config.train.log_every = 2
+    config.train.checkpoint_every = 4
+    config.data.cache_dir = cache_dir
+    config.eval.figures = False
+    for key, value in train_overrides.items():
+        config.train[key] = value
+    return config
+
+
+def records(workdir, kind):
+    return [r for r in metric_writers.read_metrics(str(workdir)) if r["kind"] == kind]
+
+
+def test_supervised_run_logs_checkpoints_and_evaluates(tmp_path, cache_dir):
+    config = tiny_config("ucm10_supervised", cache_dir)
+    train.TRACE_COUNTS.clear()
+    meta = train.train_and_evaluate(config, str(tmp_path))
+    assert train.TRACE_COUNTS["train_step"] == 1  # jitted once, never retraced in the loop
+
+    logged = records(tmp_path, "train")
+    assert [r["step"] for r in logged] == [2, 4, 6, 8]
+    for key in ("loss", "loss_x", "lr", "grad_norm", "param_norm", "img_per_s", "eta_s"):
+        assert all(np.isfinite(r[key]) for r in logged), key
+    evals = records(tmp_path, "eval")
+    assert [r["step"] for r in evals] == [4, 8]
+    assert evals[-1]["best_top1"] == max(r["top1"] for r in evals)
+    assert evals[-1]["mean_top1_last"] == pytest.approx(np.mean([r["top1"] for r in evals]))
+    assert all(0 <= r["top1"] <= r["top5"] <= 100 and r["num_test"] == 500 for r in evals)
+    assert meta["best_top1"] == evals[-1]["best_top1"]
+    assert (tmp_path / "config.json").exists()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(
+        int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()
+    ) == [4, 8]
+
+    # --mode eval restores only the EMA weights and reproduces the last in-training evaluation.
+    result = evaluate.evaluate_workdir(str(tmp_path))
+    assert result["step"] == 8 and result["top1"] == evals[-1]["top1"]
+    assert (
+        json.loads((tmp_path / "eval" / "8" / "metrics.json").read_text())["top1"] == result["top1"]
+    )
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_comatch_triplet_resume_is_bit_identical(tmp_path, cache_dir, monkeypatch):
+    """An interrupted run, resumed, logs exactly the losses of an uninterrupted one."""
+    config = tiny_config("ucm10_triplet", cache_dir)
+    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    train.train_and_evaluate(config, str(full))
+
+    write = metric_writers.MetricWriter.write
+
+    def dying_write(self, kind, step, values):
+        if kind == "train" and step == 6:
+            raise _Interrupt  # after the step-4 checkpoint, before the step-8 one
+        return write(self, kind, step, values)
+
+    monkeypatch.setattr(metric_writers.MetricWriter, "write", dying_write)
+    with pytest.raises(_Interrupt):
+        train.train_and_evaluate(config, str(interrupted))
+    monkeypatch.setattr(metric_writers.MetricWriter, "write", write)
+    assert max(r["step"] for r in records(interrupted, "train")) == 4
+    train.train_and_evaluate(config, str(interrupted))
+
+    keys = (
+        "loss",
+        "loss_x",
+        "loss_u",
+        "loss_c",
+        "loss_dml",
+        "mask_prob",
+        "triplet_mined",
+        "grad_norm",
+        "param_norm",
+    )
+    a, b = records(full, "train"), records(interrupted, "train")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4, 6, 8]
+    for ra, rb in zip(a, b, strict=True):
+        assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}
+    assert [r["top1"] for r in records(full, "eval")] == [
+        r["top1"] for r in records(interrupted, "eval")
+    ]
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tmp_path, cache_dir, monkeypatch
+):
+    supervised = get_algorithm("supervised")
+
+    def poisoned(**kwargs):
+        loss, aux = supervised.loss_from_outputs(**kwargs)
+        step = kwargs["epoch"] * 4 + kwargs["iteration"]
+        return loss * jnp.where(step >= 5, jnp.nan, 1.0), aux
+
+    monkeypatch.setattr(
+        train,
+        "get_algorithm",
+        lambda name: dataclasses.replace(supervised, loss_from_outputs=poisoned),
+    )
+    config = tiny_config("ucm10_supervised", cache_dir)
+    with pytest.raises(train.NonFiniteLossError, match="between steps 5 and 6"):
+        train.train_and_evaluate(config, str(tmp_path))
+    checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), read_only=True)
+    assert checkpointer.manager.all_steps() == [4]
+    checkpointer.close()
+    model, variables, step, _ = evaluate.restore_model(str(tmp_path), config)
+    assert step == 4
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+
+
+def test_eval_errors_name_the_problem(tmp_path, cache_dir):
+    with pytest.raises(checkpoint_lib.CheckpointError, match="does not exist"):
+        evaluate.evaluate_workdir(str(tmp_path / "missing"))
+    with pytest.raises(checkpoint_lib.CheckpointError, match="not an ssl_jax training workdir"):
+        evaluate.evaluate_workdir(str(tmp_path))
+
+
+def _launch(workdir, *extra):
+    return [
+        sys.executable,
+        str(REPO / "launch.py"),
+        "--config",
+        "configs/ucm10_supervised.py:smoke",
+        "--workdir",
+        str(workdir),
+        "--config.train.total_steps=96",
+        "--config.train.steps_per_epoch=16",
+        "--config.train.checkpoint_every=16",
+        "--config.train.log_every=8",
+        "--config.eval.figures=False",
+        *extra,
+    ]
+
+
+def test_sigkill_after_first_checkpoint_then_rerun_matches_uninterrupted(tmp_path, cache_dir):
+    env = dict(os.environ)
+    cache = f"--config.data.cache_dir={cache_dir}"
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(
+        _launch(full, cache), cwd=REPO, env=env, check=True, capture_output=True, timeout=600
+    )
+
+    proc = subprocess.Popen(
+        _launch(killed, cache),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first = killed / "checkpoints" / "16"
+    deadline = time.time() + 300
+    while not first.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_before = [r["step"] for r in records(killed, "train")]
+    assert first.is_dir() and max(steps_before) < 96, "the run was not interrupted mid-way"
+
+    subprocess.run(
+        _launch(killed, cache), cwd=REPO, env=env, check=True, capture_output=True, timeout=600
+    )
+    a, b = records(full, "train"), records(killed, "train")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
