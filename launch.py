@@ -29,7 +29,8 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    run.main(FLAGS.mode, FLAGS.config, FLAGS.workdir, config_path=FLAGS["config"].config_filename)
+    config_path = FLAGS["config"].config_filename if FLAGS.config is not None else None
+    run.main(FLAGS.mode, FLAGS.config, FLAGS.workdir, config_path=config_path)
 
 
 if __name__ == "__main__":

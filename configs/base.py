@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.name = "ucm10"  # a label for tables and logs
     data.source = "folder"  # folder | tfds
     data.root = default_data_root("ucm")  # folder-per-class dataset root
-    # Split lists: a shipped name ("UCM", "AID" -> ssl_jax/data/splits/<name>_{train,test}.txt),
+    # Split lists: a shipped name ("UCM"/"AID": ssl_jax/data/split_lists/<name>_{train,test}.txt),
     # a path prefix of the user's own lists, or "" for a seeded per-class split of the folder.
     data.split_lists = "UCM"
     data.test_fraction = 0.5  # only for split_lists == "": fraction of each class held out

@@ -74,5 +74,7 @@ def main(
     if mode == "predict":
         from ssl_jax import evaluate
 
-        return evaluate.predict_workdir(workdir, config)
+        result = evaluate.predict_workdir(workdir, config)
+        print(json.dumps(result), flush=True)
+        return result
     raise ValueError(f"Unknown mode {mode!r}; expected one of {MODES}.")

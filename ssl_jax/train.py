@@ -386,6 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config.train.total_steps,
         )
         manager.close()
+        data_iter.close()
         return meta
 
     mesh = make_mesh()
@@ -496,6 +497,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         manager.close()
         writer.close()
+        data_iter.close()  # stops grain worker processes and frees their shared memory
     return meta
 
 
@@ -529,3 +531,4 @@ def dump_json(obj, path: str) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)
+

@@ -159,7 +159,7 @@ def _launch(workdir, *extra):
         "configs/ucm10_supervised.py:smoke",
         "--workdir",
         str(workdir),
-        "--config.train.total_steps=96",
+        "--config.train.total_steps=64",
         "--config.train.steps_per_epoch=16",
         "--config.train.checkpoint_every=16",
         "--config.train.log_every=8",
@@ -190,7 +190,7 @@ def test_sigkill_after_first_checkpoint_then_rerun_matches_uninterrupted(tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     steps_before = [r["step"] for r in records(killed, "train")]
-    assert first.is_dir() and max(steps_before) < 96, "the run was not interrupted mid-way"
+    assert first.is_dir() and max(steps_before) < 64, "the run was not interrupted mid-way"
 
     subprocess.run(
         _launch(killed, cache), cwd=REPO, env=env, check=True, capture_output=True, timeout=600

@@ -178,8 +178,11 @@ def train_iterator(
     total_steps = int(config.train.total_steps)
     if not 0 <= start_step <= total_steps:
         raise ValueError(f"start_step {start_step} outside [0, total_steps={total_steps}]")
-    dataset = grain.MapDataset.range(start_step, total_steps).map(maker)
     workers = num_workers(config.data.workers) if mode == "host" else 0
+    # With worker processes the stream runs a few batches past total_steps (never consumed):
+    # grain's multiprocess prefetch leaks its shared-memory blocks when workers reach the end.
+    end = total_steps + (2 * workers + 2 if workers > 0 else 0)
+    dataset = grain.MapDataset.range(start_step, end).map(maker)
     if workers > 0:
         _ensure_flags_parsed()
         # Each worker makes every W-th batch, one at a time, a couple of batches ahead.

@@ -21,7 +21,7 @@ import numpy as np
 from ssl_jax.data.sources import DataError
 
 SHIPPED_SPLITS = ("UCM", "AID")
-SPLITS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits")
+SPLITS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "split_lists")
 SEEDED_SPLIT_STREAM = 101  # the rng stream of the seeded per-class split
 
 

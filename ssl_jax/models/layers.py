@@ -31,12 +31,13 @@ CONV_IMPLS = ("auto", "lax", "patches", "hybrid")
 # kaiming_normal_(mode="fan_out"). (jax's he_normal is truncated, hence spelled out here.)
 he_fan_out_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-# XLA:CPU conv vs patches+matmul crossover, measured with benchmarks/conv_cpu.py --layers on a
-# 2-core x86 CPU (forward + backward, 64 and 704 images): patches+matmul wins for every conv of
-# ResNet-18/50 and WRN-28-2 with an output map up to 32x32 (1.3-40x; the largest wins are 3x3
-# convs on 2x2-8x8 maps and all strided and 1x1 convs), so "auto" uses it up to this many output
-# pixels per image and keeps lax above it (e.g. 224 px inputs), where im2col's memory grows 9x.
-PATCHES_MAX_OUTPUT_PIXELS = 32 * 32
+# Crossovers of choose_conv_impl, measured (process CPU time, forward + backward) with
+# benchmarks/conv_cpu.py on the 2-core Zen 4 development machine; see that file's docstring.
+PATCHES_MAX_OUTPUT_PIXELS = 2 * 2
+HYBRID_MIN_OUTPUT_ROWS = 65_536
+# Beyond this output map (e.g. WRN's 32x32 or 224 px inputs) "auto" stays on lax: untested
+# there, and the im2col matrix would grow to gigabytes at 704 images.
+IM2COL_MAX_OUTPUT_PIXELS = 16 * 16
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -101,9 +102,7 @@ def conv_patches(
     """The same convolution as `conv_lax`, computed as im2col followed by one matmul."""
     kh, kw, cin, cout = kernel.shape
     patches = extract_patches(x, (kh, kw), strides, padding)
-    return lax.dot_general(
-        patches, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ()))
-    )
+    return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -141,13 +140,21 @@ conv_hybrid.defvjp(_conv_hybrid_fwd, _conv_hybrid_bwd)
 def choose_conv_impl(
     impl: str,
     *,
-    output_hw: tuple[int, int],
+    kernel_size: tuple[int, int],
+    strides: tuple[int, int],
+    output_shape: tuple[int, int, int],
     backend: str | None = None,
 ) -> str:
-    """Resolves ``impl`` ("auto", "lax" or "patches") to the implementation a layer runs.
+    """Resolves ``impl`` ("auto", "lax", "patches", "hybrid") to what one layer runs.
 
-    "auto" uses patches+matmul only on the CPU backend and only for output maps of at most
-    `PATCHES_MAX_OUTPUT_PIXELS` pixels; GPU/TPU convolutions are always `lax` (cuDNN etc.).
+    ``output_shape`` is (batch, out_h, out_w). "auto" keeps `lax` on GPU/TPU. On the CPU
+    backend it follows the forward + backward measurements of benchmarks/conv_cpu.py:
+    patches+matmul for output maps of at most `PATCHES_MAX_OUTPUT_PIXELS` pixels (where
+    XLA:CPU's convolutions crawl) and for 1x1 convs; for maps up to
+    `IM2COL_MAX_OUTPUT_PIXELS`, patches+matmul for strided 3x3 convs and the hybrid (lax
+    forward and input gradient, matmul kernel gradient) for stride-1 convs with at least
+    `HYBRID_MIN_OUTPUT_ROWS` output rows (batch x pixels), where XLA's kernel-gradient
+    convolution falls out of cache; lax otherwise (the 7x7 stem included).
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
@@ -156,7 +163,17 @@ def choose_conv_impl(
     backend = backend or jax.default_backend()
     if backend != "cpu":
         return "lax"
-    return "patches" if output_hw[0] * output_hw[1] <= PATCHES_MAX_OUTPUT_PIXELS else "lax"
+    batch, out_h, out_w = output_shape
+    pixels = out_h * out_w
+    if pixels <= PATCHES_MAX_OUTPUT_PIXELS or kernel_size == (1, 1):
+        return "patches"
+    if pixels > IM2COL_MAX_OUTPUT_PIXELS:  # bounds the im2col matrix (9x the input at 3x3)
+        return "lax"
+    if strides != (1, 1) and max(kernel_size) <= 3:
+        return "patches"
+    if strides == (1, 1) and batch * pixels >= HYBRID_MIN_OUTPUT_ROWS:
+        return "hybrid"
+    return "lax"
 
 
 class Conv(nn.Module):
@@ -199,7 +216,12 @@ class Conv(nn.Module):
             conv_output_size(x.shape[1 + axis], kernel_size[axis], strides[axis], padding[axis])
             for axis in range(2)
         )
-        impl = choose_conv_impl(self.conv_impl, output_hw=output_hw)
+        impl = choose_conv_impl(
+            self.conv_impl,
+            kernel_size=kernel_size,
+            strides=strides,
+            output_shape=(x.shape[0], *output_hw),
+        )
         convolve = {"lax": conv_lax, "patches": conv_patches, "hybrid": conv_hybrid}[impl]
         y = convolve(x.astype(self.dtype), kernel.astype(self.dtype), strides, padding)
         if self.use_bias:
@@ -208,35 +230,77 @@ class Conv(nn.Module):
         return y
 
 
-def max_pool_slices(
-    x: Array, window: int = 3, stride: int = 2, padding: int = 1
-) -> Array:
-    """Max-pool as an elementwise max of strided slices of the -inf-padded input.
+def _pool_taps(x_padded: Array, window: int, stride: int, out_hw: tuple[int, int]) -> list[Array]:
+    n, _, _, channels = x_padded.shape
+    out_h, out_w = out_hw
+    return [
+        lax.slice(
+            x_padded,
+            (0, i, j, 0),
+            (n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, channels),
+            (1, stride, stride, 1),
+        )
+        for i in range(window)
+        for j in range(window)
+    ]
 
-    Same values as `nn.max_pool` with -inf padding (PyTorch's MaxPool2d). Where several
-    window elements tie for the maximum the gradient is shared between them (lax.max's rule)
-    instead of going to one of them (select_and_scatter); after a ReLU such ties are at 0,
-    where the ReLU's own gradient is 0, so the backbone's gradients agree.
-    """
-    x = jnp.pad(
-        x,
-        ((0, 0), (padding, padding), (padding, padding), (0, 0)),
-        constant_values=-jnp.inf,
+
+def _max_pool_with_argmax(x: Array, window: int, stride: int, padding: int) -> tuple[Array, Array]:
+    x_padded = jnp.pad(
+        x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf
     )
-    n, height, width, channels = x.shape
-    out_h = (height - window) // stride + 1
-    out_w = (width - window) // stride + 1
-    result = None
-    for i in range(window):
-        for j in range(window):
-            window_slice = lax.slice(
-                x,
-                (0, i, j, 0),
-                (n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, channels),
-                (1, stride, stride, 1),
+    out_hw = tuple(conv_output_size(x.shape[1 + a], window, stride, padding) for a in range(2))
+    taps = _pool_taps(x_padded, window, stride, out_hw)
+    pooled, argmax = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
+    for index, tap in enumerate(taps[1:], start=1):
+        larger = tap > pooled  # strict: ties keep the first tap in row-major window order
+        pooled = jnp.where(larger, tap, pooled)
+        argmax = jnp.where(larger, jnp.int8(index), argmax)
+    return pooled, argmax
+
+
+def max_pool_argmax(x: Array, window: int = 3, stride: int = 2, padding: int = 1) -> Array:
+    """Max-pool (-inf symmetric padding) from strided slices, with PyTorch's gradient.
+
+    The forward pass also records which window tap was the (first) maximum, as PyTorch's
+    MaxPool2d does, and the backward pass routes each output gradient to that tap: ties go
+    to the first tap in row-major window order, like PyTorch on CPU. On XLA:CPU this is
+    5-10x faster than `lax.reduce_window`'s select-and-scatter gradient or autodiff of a
+    chain of maxima.
+    """
+    n, height, width, channels = x.shape  # static; the backward pass closes over them
+    padded_h, padded_w = height + 2 * padding, width + 2 * padding
+
+    @jax.custom_vjp
+    def pool(inputs):
+        return _max_pool_with_argmax(inputs, window, stride, padding)[0]
+
+    def pool_fwd(inputs):
+        pooled, argmax = _max_pool_with_argmax(inputs, window, stride, padding)
+        return pooled, argmax
+
+    def pool_bwd(argmax, grad_out):
+        out_h, out_w = grad_out.shape[1:3]
+        zero = jnp.zeros((), grad_out.dtype)
+        grad_padded = jnp.zeros((n, padded_h, padded_w, channels), grad_out.dtype)
+        for index in range(window * window):
+            i, j = divmod(index, window)
+            routed = jnp.where(argmax == index, grad_out, zero)
+            # The transpose of tap (i, j)'s strided slice: edge plus interior padding.
+            grad_padded = grad_padded + lax.pad(
+                routed,
+                zero,
+                (
+                    (0, 0, 0),
+                    (i, padded_h - i - stride * (out_h - 1) - 1, stride - 1),
+                    (j, padded_w - j - stride * (out_w - 1) - 1, stride - 1),
+                    (0, 0, 0),
+                ),
             )
-            result = window_slice if result is None else jnp.maximum(result, window_slice)
-    return result
+        return (grad_padded[:, padding : padding + height, padding : padding + width, :],)
+
+    pool.defvjp(pool_fwd, pool_bwd)
+    return pool(x)
 
 
 def max_pool_lax(x: Array, window: int = 3, stride: int = 2, padding: int = 1) -> Array:
@@ -252,10 +316,15 @@ def max_pool_lax(x: Array, window: int = 3, stride: int = 2, padding: int = 1) -
 def max_pool(
     x: Array, window: int = 3, stride: int = 2, padding: int = 1, *, impl: str = "auto"
 ) -> Array:
-    """Max-pool with -inf symmetric padding; ``impl`` as for `Conv` ("patches" = slices)."""
-    impl = choose_conv_impl(
-        impl, output_hw=(conv_output_size(x.shape[1], window, stride, padding),) * 2
-    )
-    if impl == "patches":
-        return max_pool_slices(x, window, stride, padding)
-    return max_pool_lax(x, window, stride, padding)
+    """Max-pool with -inf symmetric padding (PyTorch's MaxPool2d).
+
+    ``impl``: "lax" = `lax.reduce_window`; "patches" = `max_pool_argmax`; "auto" = the
+    latter on the CPU backend (always faster there), the former on GPU/TPU.
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"impl must be one of {CONV_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "patches" if jax.default_backend() == "cpu" else "lax"
+    if impl == "lax":
+        return max_pool_lax(x, window, stride, padding)
+    return max_pool_argmax(x, window, stride, padding)

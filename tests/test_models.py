@@ -1,0 +1,326 @@
+"""Backbones: ALGORITHMS.md §3 architecture, parameter counts, init, BN, heads, §4.1 names."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from ssl_jax.models import MODELS, get_model, layers
+
+TINY_WIDTH = 0.125
+
+
+def _abstract_variables(model, image_size=60):
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+
+
+def _count(tree) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def _decayed(path: tuple[str, ...]) -> bool:
+    """The lead's weight-decay mask rule (§4.1 restated for flax names)."""
+    return path[-1] == "kernel" or (path[-1] == "scale" and path[-2].startswith("downsample_bn"))
+
+
+def _images(n=2, size=60, seed=0):
+    return jax.random.uniform(jax.random.PRNGKey(seed), (n, size, size, 3), jnp.float32, -2, 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_resnet18():
+    """One tiny ResNet-18 initialisation shared by the tests (compiles dominate runtime)."""
+    model = get_model("resnet18", 4, 8, width=TINY_WIDTH)
+    images = _images(4, 32)
+    variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images)
+    return model, variables, images
+
+
+@pytest.mark.parametrize(
+    "name,num_classes,expected",
+    [
+        ("resnet18", 10, 12_363_402),
+        ("resnet50", 10, 27_856_010),
+        ("wrn28_2", 10, 1_492_378),
+        ("wrn28_2", 30, 1_494_958),
+    ],
+)
+def test_parameter_counts(name, num_classes, expected):
+    variables = _abstract_variables(get_model(name, num_classes, 64))
+    assert _count(variables["params"]) == expected
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+
+
+@pytest.mark.parametrize(
+    "name,backbone,classifier,fc1",
+    [
+        ("resnet18", 11_176_512, 5_130, 1_050_624),
+        ("resnet50", 23_508_032, 20_490, 4_196_352),
+    ],
+)
+def test_resnet_parameter_breakdown(name, backbone, classifier, fc1):
+    params = _abstract_variables(get_model(name, 10, 64))["params"]
+    heads = {"classifier", "proj_fc1", "proj_fc2"}
+    assert _count({k: v for k, v in params.items() if k not in heads}) == backbone
+    assert _count(params["classifier"]) == classifier
+    assert _count(params["proj_fc1"]) == fc1
+    assert _count(params["proj_fc2"]) == 131_136
+
+
+def test_resnet18_batch_norm_running_statistics():
+    batch_stats = _abstract_variables(get_model("resnet18", 10))["batch_stats"]
+    assert _count(batch_stats) == 9_600
+    paths = flatten_dict(batch_stats)
+    assert {path[-1] for path in paths} == {"mean", "var"}
+    assert all(leaf.dtype == jnp.float32 for leaf in paths.values())
+
+
+@pytest.mark.parametrize(
+    "name,decayed,not_decayed,downsample_bns",
+    [
+        ("resnet18", 12_352_576, 10_826, 3),
+        ("resnet50", None, None, 4),
+        ("wrn28_2", 1_488_560, 3_818, 0),
+    ],
+)
+def test_weight_decay_names(name, decayed, not_decayed, downsample_bns):
+    params = flatten_dict(_abstract_variables(get_model(name, 10, 64))["params"])
+    n_decayed = sum(math.prod(v.shape) for k, v in params.items() if _decayed(k))
+    n_other = sum(math.prod(v.shape) for k, v in params.items() if not _decayed(k))
+    if decayed is not None:
+        assert (n_decayed, n_other) == (decayed, not_decayed)
+    leaf_names = {path[-1] for path in params}
+    assert leaf_names == {"kernel", "bias", "scale"}
+    # Every BN scale is paired with a bias; only downsample-shortcut BNs carry the name.
+    bn_modules = {path[:-1] for path in params if path[-1] == "scale"}
+    downsample = {m for m in bn_modules if m[-1].startswith("downsample_bn")}
+    assert len(downsample) == downsample_bns
+    assert all("downsample" not in m[-1] for m in bn_modules - downsample)
+    assert all(m + ("bias",) in params for m in bn_modules)
+    for head in ("classifier", "proj_fc1", "proj_fc2"):
+        assert (head, "kernel") in params and (head, "bias") in params
+    # Convolutions carry no bias.
+    assert all(
+        (*path[:-1], "bias") not in params
+        for path, v in params.items()
+        if path[-1] == "kernel" and v.ndim == 4
+    )
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forward_shapes_dtypes_and_unit_norm(name):
+    model = get_model(name, 7, 16, width=TINY_WIDTH)
+    images = _images(3, 32)
+    variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images)
+    (logits, z), _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, images
+    )
+    assert logits.shape == (3, 7) and logits.dtype == jnp.float32
+    assert z.shape == (3, 16) and z.dtype == jnp.float32
+    np.testing.assert_allclose(jnp.linalg.norm(z, axis=-1), 1.0, rtol=1e-5)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_resnet18_feature_map_sizes_at_60px():
+    """§3.1's table: 30 -> 15 (max-pool) -> 15 -> 8 -> 4 -> 2."""
+    model = get_model("resnet18", 10, width=TINY_WIDTH)
+    images = jax.ShapeDtypeStruct((2, 60, 60, 3), jnp.float32)
+
+    def intermediates(x):
+        variables = model.init(jax.random.PRNGKey(0), x, train=False)
+        _, state = model.apply(
+            variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+        )
+        return state["intermediates"]
+
+    shapes = jax.eval_shape(intermediates, images)
+    assert shapes["stem_conv"]["__call__"][0].shape == (2, 30, 30, 8)
+    expected = {"layer1_1": (15, 8), "layer2_1": (8, 16), "layer3_1": (4, 32), "layer4_1": (2, 64)}
+    for block, (size, channels) in expected.items():
+        assert shapes[block]["__call__"][0].shape == (2, size, size, channels)
+
+
+def test_no_projection_head():
+    model = get_model("resnet18", 5, low_dim=0, width=TINY_WIDTH)
+    variables = _abstract_variables(model, 32)
+    assert set(variables["params"]) & {"proj_fc1", "proj_fc2"} == set()
+    logits, z = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False),
+        variables,
+        jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
+    )
+    assert logits.shape == (2, 5) and z is None
+    assert get_model("wrn28_2", 5, low_dim=None).low_dim is None
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="resnet18"):
+        get_model("vgg16", 10)
+
+
+def test_train_and_eval_batch_norm(tiny_resnet18):
+    model, variables, images = tiny_resnet18
+    (logits_train, _), updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    # Train mode updates every running statistic.
+    old = flatten_dict(variables["batch_stats"])
+    new = flatten_dict(updates["batch_stats"])
+    assert all(not np.allclose(old[k], new[k]) for k in old)
+    # PyTorch momentum 0.1: new mean = 0.1 * batch mean of the stem conv output (the BN input).
+    stem_out = jax.lax.conv_general_dilated(
+        images,
+        variables["params"]["stem_conv"]["kernel"],
+        (2, 2),
+        [(3, 3), (3, 3)],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    np.testing.assert_allclose(
+        new[("stem_bn", "mean")], 0.1 * jnp.mean(stem_out, axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        new[("stem_bn", "var")], 0.9 + 0.1 * jnp.var(stem_out, axis=(0, 1, 2)), rtol=1e-4
+    )
+    # Eval mode mutates nothing and uses the running statistics: outputs differ from train mode.
+    logits_eval, _ = model.apply(variables, images, train=False)
+    assert not np.allclose(logits_eval, logits_train, atol=1e-3)
+    trained = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
+    logits_eval_2, _ = model.apply(trained, images, train=False)
+    assert not np.allclose(logits_eval_2, logits_eval, atol=1e-4)
+
+
+def test_wrn_dead_batch_norm_quirk():
+    """Q9: BN1 of group2_0 / group3_0 is computed (stats update) but gets no gradient."""
+    model = get_model("wrn28_2", 4, 8, width=TINY_WIDTH)
+    images = _images(4, 32)
+    variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images)
+
+    def loss(params):
+        (logits, z), updates = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(logits) + jnp.sum(z), updates
+
+    grads, updates = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+    for block in ("group2_0", "group3_0"):
+        assert float(jnp.max(jnp.abs(grads[block]["bn1"]["scale"]))) == 0.0
+        assert float(jnp.max(jnp.abs(grads[block]["bn1"]["bias"]))) == 0.0
+        # BN momentum 0.001: running mean moves from 0 by 0.001 * batch mean (nonzero).
+        mean = updates["batch_stats"][block]["bn1"]["mean"]
+        assert 0 < float(jnp.max(jnp.abs(mean))) < 0.01
+    for block in ("group1_0", "group2_1", "group3_1"):
+        assert float(jnp.max(jnp.abs(grads[block]["bn1"]["scale"]))) > 0.0
+    # PyTorch momentum 0.001 on group1_0/bn1, whose input is the stem conv (3x3, pad 1) output.
+    stem_out = jax.lax.conv_general_dilated(
+        images,
+        variables["params"]["stem_conv"]["kernel"],
+        (1, 1),
+        [(1, 1), (1, 1)],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    np.testing.assert_allclose(
+        updates["batch_stats"]["group1_0"]["bn1"]["mean"],
+        0.001 * jnp.mean(stem_out, axis=(0, 1, 2)),
+        rtol=1e-4,
+        atol=1e-8,
+    )
+
+
+def test_conv_implementations_agree_in_the_model(tiny_resnet18):
+    """A train-mode forward + backward through ResNet-18 is the same with lax and patches."""
+    _, variables, images = tiny_resnet18
+    results = []
+    for impl in ("lax", "patches"):
+        model = get_model("resnet18", 4, 8, width=TINY_WIDTH, conv_impl=impl)
+
+        def loss(params, model=model):
+            (logits, z), _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return jnp.sum(logits) + jnp.sum(z)
+
+        results.append(jax.jit(jax.value_and_grad(loss))(variables["params"]))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-4)
+    # Float32 summation order differs; a 4-image BatchNorm amplifies that, so compare each
+    # gradient leaf relative to its own scale.
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-3 * float(jnp.max(jnp.abs(b))) + 1e-6
+
+
+def test_initialisation_statistics():
+    model = get_model("resnet18", 10, 64, width=0.5)
+    params = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(
+        jnp.zeros((1, 32, 32, 3))
+    )["params"]
+    # He fan-out normal: std sqrt(2 / (3 * 3 * 256)) for layer4's 256 -> 256 conv.
+    kernel = params["layer4_1"]["conv2"]["kernel"]
+    assert kernel.shape == (3, 3, 256, 256)
+    assert abs(float(jnp.std(kernel)) / math.sqrt(2 / (9 * 256)) - 1) < 0.02
+    assert abs(float(jnp.mean(kernel))) < 1e-3
+    # BN gamma 1, beta 0.
+    np.testing.assert_array_equal(params["layer1_0"]["bn1"]["scale"], 1.0)
+    np.testing.assert_array_equal(params["layer2_0"]["downsample_bn"]["scale"], 1.0)
+    np.testing.assert_array_equal(params["layer2_0"]["downsample_bn"]["bias"], 0.0)
+    # PyTorch Linear default: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    for head, fan_in in (("proj_fc1", 256), ("proj_fc2", 1024), ("classifier", 256)):
+        bound = 1 / math.sqrt(fan_in)
+        for leaf in ("kernel", "bias"):
+            values = params[head][leaf]
+            assert float(jnp.max(jnp.abs(values))) <= bound
+            if values.size >= 1000:  # then the extremes come within 1% of the bound
+                assert float(jnp.max(jnp.abs(values))) > 0.95 * bound
+            assert float(jnp.min(jnp.abs(values))) > 0  # not zero-initialised
+        w = params[head]["kernel"]
+        assert abs(float(jnp.std(w)) / (bound / math.sqrt(3)) - 1) < 0.1
+
+    wrn = get_model("wrn28_2", 10, 64)
+    wrn_params = jax.jit(lambda x: wrn.init(jax.random.PRNGKey(0), x, train=False))(
+        jnp.zeros((1, 8, 8, 3))
+    )["params"]
+    # Xavier-normal Linear weights, zero bias.
+    fc1 = wrn_params["proj_fc1"]["kernel"]
+    assert fc1.shape == (128, 128)
+    assert abs(float(jnp.std(fc1)) / math.sqrt(2 / 256) - 1) < 0.05
+    np.testing.assert_array_equal(wrn_params["proj_fc1"]["bias"], 0.0)
+    np.testing.assert_array_equal(wrn_params["classifier"]["bias"], 0.0)
+    conv = wrn_params["group3_1"]["conv2"]["kernel"]
+    assert abs(float(jnp.std(conv)) / math.sqrt(2 / (9 * 128)) - 1) < 0.03
+
+
+def test_bfloat16_path(tiny_resnet18):
+    reference, variables, images = tiny_resnet18
+    model = get_model("resnet18", 4, 8, width=TINY_WIDTH, dtype=jnp.bfloat16)
+    assert jax.tree.map(
+        jnp.shape, jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
+    ) == jax.tree.map(jnp.shape, variables)
+    assert all(
+        leaf.dtype == jnp.float32
+        for leaf in jax.tree.leaves(
+            jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
+        )
+    )
+    (logits, z), updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    assert logits.dtype == jnp.float32 and z.dtype == jnp.float32
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(updates))
+    np.testing.assert_allclose(jnp.linalg.norm(z, axis=-1), 1.0, rtol=1e-5)
+    # Eval mode (running statistics, no tiny-batch normalisation) is close to float32.
+    logits_16, _ = model.apply(variables, images, train=False)
+    logits_32, _ = reference.apply(variables, images, train=False)
+    assert logits_16.dtype == jnp.float32
+    np.testing.assert_allclose(
+        logits_16, logits_32, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(logits_32)))
+    )
+
+
+def test_model_max_pool_uses_minus_infinity_padding():
+    x = -1.0 - jax.random.uniform(jax.random.PRNGKey(0), (1, 6, 6, 2))
+    for impl in ("lax", "patches", "auto"):
+        assert float(jnp.max(layers.max_pool(x, impl=impl))) < -1.0
