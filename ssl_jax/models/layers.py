@@ -1,12 +1,17 @@
 """Convolution and max-pool layers that are fast on XLA:CPU and exact everywhere.
 
-XLA:CPU runs convolutions on small feature maps (the 3x3 convs of ResNet-18's layer3/layer4
-on 4x4 and 2x2 maps at 60 px input) below 1 GFLOP/s, and their gradients are slower still.
-The same function written as im2col ("patches": explicit shifted slices of the padded input,
-concatenated along channels) followed by one matrix multiply runs at matmul speed. `Conv`
-keeps `nn.Conv`'s parameter tree (a ``kernel`` of shape (kh, kw, cin, cout)) and picks the
-implementation per layer at trace time; see `choose_conv_impl` for the rule and
-benchmarks/conv_cpu.py for the measurements behind it.
+XLA:CPU runs convolutions with tiny output maps at a few GFLOP/s: forward + backward of
+ResNet-18's layer4 3x3 conv (2x2 output at 60 px input) takes 1.07 s for 64 images and 11.6 s
+for 704, against 21 ms and 240 ms as im2col ("patches": explicit strided slices of the padded
+input, concatenated along channels) followed by one matmul. Its kernel gradients (another
+convolution whose output is the 3x3 kernel) and `reduce_window`'s max-pool gradient are slow
+too. `Conv` keeps `nn.Conv`'s parameter tree (one ``kernel``, HWIO) and picks, per layer at
+trace time, `conv_lax`, `conv_patches` or `conv_hybrid` (`choose_conv_impl`); `max_pool`
+picks `max_pool_argmax` on CPU. All compute the same function as lax; tests/test_fast_conv.py
+checks values and gradients. Numbers: benchmarks/conv_cpu.py (2-core Zen 4, jax 0.10.2).
+
+The custom-gradient paths (`conv_hybrid`, `max_pool_argmax`) support reverse-mode autodiff
+(grad, vjp) but not forward-mode (jvp); use conv_impl="lax" for forward-mode.
 
 Padding is always explicit and symmetric (PyTorch semantics, ALGORITHMS.md §3), never "SAME".
 """
@@ -31,8 +36,11 @@ CONV_IMPLS = ("auto", "lax", "patches", "hybrid")
 # kaiming_normal_(mode="fan_out"). (jax's he_normal is truncated, hence spelled out here.)
 he_fan_out_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-# Crossovers of choose_conv_impl, measured (process CPU time, forward + backward) with
-# benchmarks/conv_cpu.py on the 2-core Zen 4 development machine; see that file's docstring.
+# Crossovers of choose_conv_impl, from forward + backward timings (process CPU time and wall)
+# of every ResNet-18 conv at 64 and 704 images (benchmarks/conv_cpu.py --layers), checked on
+# the whole network: patches win by 10-50x at 2x2 outputs and by 0-30% on strided 3x3/1x1
+# convs; lax wins for the 7x7 stem and for stride-1 3x3 convs at 64 images; at 704 images
+# the layer1 convs are 20-50% faster with the hybrid's matmul kernel gradient.
 PATCHES_MAX_OUTPUT_PIXELS = 2 * 2
 HYBRID_MIN_OUTPUT_ROWS = 65_536
 # Beyond this output map (e.g. WRN's 32x32 or 224 px inputs) "auto" stays on lax: untested
