@@ -12,7 +12,6 @@ test images, the checkpoint step, the protocol and split hash, and the retrieval
 
 from __future__ import annotations
 
-import copy
 import csv
 import glob
 import json
@@ -242,10 +241,7 @@ def _predict_test(model, variables, data, batch_size):
 
 def _load_test_data(workdir: str, config: ml_collections.ConfigDict):
     """The run's data, without rewriting its split.json; warns when the split has changed."""
-    config = copy.deepcopy(config)
-    if not config.data.cache_dir:
-        config.data.cache_dir = os.path.join(workdir, "cache")
-    data = data_lib.load_dataset(config, workdir=None)
+    data = data_lib.load_dataset(config, workdir=workdir, write_split=False)
     warnings = []
     split_path = os.path.join(workdir, "split.json")
     if os.path.exists(split_path):

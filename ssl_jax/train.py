@@ -34,6 +34,7 @@ from ssl_jax import metric_writers, optim
 from ssl_jax.algorithms import get_algorithm
 from ssl_jax.algorithms.base import Algorithm
 from ssl_jax.data.normalize import to_network_input
+from ssl_jax.data.protocols import write_split_json
 from ssl_jax.models import get_model
 
 # How many times each jitted function was traced; a test guards against recompilation.
@@ -354,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoint_lib.check_config_compatible(config, workdir)
     save_config(config, workdir)
 
-    data = data_lib.load_dataset(config, workdir=workdir)
+    data = data_lib.load_dataset(config, workdir=workdir, write_split=False)
     num_classes = len(data.class_names)
     algorithm = get_algorithm(config.algorithm.name)
     model = build_model(config, num_classes, algorithm)
@@ -379,6 +380,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager = checkpoint_lib.Checkpointer(workdir, config)
     state, meta = manager.restore_or_keep(state, data_iter)
     start_step = int(state.step)
+    if meta.get("split_hash", data.split_hash) != data.split_hash:
+        manager.close()
+        data_iter.close()
+        raise checkpoint_lib.CheckpointError(
+            f"The data changed since {workdir} was checkpointed: split hash "
+            f"{meta['split_hash']} then, {data.split_hash} now (see split.json). Resuming would "
+            "train on different images; restore the data or use a new --workdir."
+        )
+    meta["split_hash"] = data.split_hash
+    write_split_json(data, os.path.join(workdir, "split.json"))
     if start_step >= config.train.total_steps:
         logging.info(
             "Nothing to do: the checkpoint is at step %d of %d.",
@@ -531,4 +542,3 @@ def dump_json(obj, path: str) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)
-

@@ -198,3 +198,22 @@ def test_sigkill_after_first_checkpoint_then_rerun_matches_uninterrupted(tmp_pat
     a, b = records(full, "train"), records(killed, "train")
     assert [r["step"] for r in a] == [r["step"] for r in b]
     assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
+
+
+def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path, cache_dir, monkeypatch):
+    config = tiny_config("ucm10_supervised", cache_dir, total_steps=4)
+    train.train_and_evaluate(config, str(tmp_path))
+    split_before = (tmp_path / "split.json").read_text()
+    load = train.data_lib.load_dataset
+    monkeypatch.setattr(
+        train.data_lib,
+        "load_dataset",
+        lambda *a, **k: dataclasses.replace(load(*a, **k), split_hash="0123456789abcdef"),
+    )
+    config.train.total_steps = 8  # train further: a changed schedule is refused first...
+    with pytest.raises(checkpoint_lib.CheckpointError, match="different config"):
+        train.train_and_evaluate(config, str(tmp_path))
+    config.train.total_steps = 4  # ...so rerun the same config: the data check must fire
+    with pytest.raises(checkpoint_lib.CheckpointError, match="data changed"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert (tmp_path / "split.json").read_text() == split_before

@@ -15,6 +15,9 @@ PIL itself), patches the entries where PIL's rounding lands one grey level lower
 float32 blends of the enhancers (brightness, colour, contrast, sharpness) reproduce PIL's
 two roundings even where the backend fuses multiply-add (see `_blend`). So every op matches
 PIL bit for bit on the images tested; only the random draws differ (JAX keys, not NumPy).
+dm-pix was considered: its flips would do, but its affine warps, colour enhancers and
+resizing interpolate in floating point with their own conventions, so they would not match
+the PIL semantics the reference trains with; hence the ops here.
 
 Every op works on a static-shape uint8 (H, W, 3) image and returns uint8, so the views jit,
 vmap (one key per example) and choose RandAugment ops with `lax.switch` (a select under vmap).

@@ -27,9 +27,11 @@ def make_augment_fn(config: ml_collections.ConfigDict, views: tuple[str, ...]):
     """augment_fn(key, batch, cache) -> batch with the "x" and unlabelled views filled in."""
     aug = config.augment
     if config.data.crop_size != augment_device.CROP_SIZE:
-        raise ValueError(f"Device augmentation produces {augment_device.CROP_SIZE}-px crops; "
-                         f"config.data.crop_size={config.data.crop_size} needs "
-                         "config.augment.where='host'.")
+        raise ValueError(
+            f"Device augmentation produces {augment_device.CROP_SIZE}-px crops; "
+            f"config.data.crop_size={config.data.crop_size} needs "
+            "config.augment.where='host'."
+        )
 
     def augment_fn(key, batch, cache):
         out = dict(batch)
@@ -38,8 +40,13 @@ def make_augment_fn(config: ml_collections.ConfigDict, views: tuple[str, ...]):
             indices = batch["x_index" if view == "x" else "u_index"]
             out[view] = augment_device.augment_batch(
                 jax.random.fold_in(key, augment_device.STREAM_IDS[view]),
-                pool["images"], pool["sizes"], indices, view,
-                aug.randaugment_n, aug.randaugment_m, aug.cutout,
+                pool["images"],
+                pool["sizes"],
+                indices,
+                view,
+                aug.randaugment_n,
+                aug.randaugment_m,
+                aug.cutout,
             )
         return out
 

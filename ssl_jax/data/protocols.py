@@ -86,8 +86,13 @@ def _per_class_counts(imageset: ImageSet, class_names) -> dict[str, int]:
     return out
 
 
-def load_dataset(config, *, workdir: str | None) -> SemiSupervisedData:
-    """Reads, decodes (through the caches), splits and applies the protocol of `config.data`."""
+def load_dataset(config, *, workdir: str | None, write_split: bool = True) -> SemiSupervisedData:
+    """Reads, decodes (through the caches), splits and applies the protocol of `config.data`.
+
+    With a `workdir` the decoded images are cached under it and, if `write_split`, the split
+    is recorded in `<workdir>/split.json` (training writes it only after checking that a
+    resumed run still sees the split it was trained on).
+    """
     data_cfg = config.data
     seed = int(config.seed)
     if data_cfg.protocol not in PROTOCOLS:
@@ -126,7 +131,7 @@ def load_dataset(config, *, workdir: str | None) -> SemiSupervisedData:
         split_hash=split_hash,
         info={"seed": seed, **pool.info},
     )
-    if workdir:
+    if workdir and write_split:
         write_split_json(data, os.path.join(workdir, "split.json"))
     return data
 
