@@ -44,11 +44,15 @@ class MetricWriter:
         self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(
-                os.path.join(workdir, "tensorboard"), purge_step=start_step or None
-            )
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:  # metrics.jsonl stays the complete record
+                print("tensorboardX is not installed: no TensorBoard files, metrics.jsonl only.",
+                      file=sys.stderr)
+            else:
+                self._tb = SummaryWriter(
+                    os.path.join(workdir, "tensorboard"), purge_step=start_step or None
+                )
 
     def _truncate_after(self, step: int) -> None:
         """Drops records beyond `step` (left by an interrupted run that will be replayed)."""

@@ -217,3 +217,19 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path, cache_d
     with pytest.raises(checkpoint_lib.CheckpointError, match="data changed"):
         train.train_and_evaluate(config, str(tmp_path))
     assert (tmp_path / "split.json").read_text() == split_before
+
+
+@pytest.mark.parametrize(
+    "name", ["ucm10_fixmatch", "ucm10_fixmatch_ccssl", "ucm10_comatch", "ucm10_ccssl_od"]
+)
+def test_every_method_trains_on_real_ucm10(name, tmp_path, cache_dir):
+    """Each method's smoke config runs in the real loop and logs its own loss terms."""
+    config = tiny_config(name, cache_dir, total_steps=4, steps_per_epoch=4, checkpoint_every=4)
+    train.train_and_evaluate(config, str(tmp_path))
+    logged = records(tmp_path, "train")
+    expected = {"loss", "loss_x", "loss_u", "mask_prob", "pseudo_acc"}
+    expected |= {"loss_ccssl"} if "ccssl" in name else set()
+    expected |= {"loss_c"} if "comatch" in name or "ccssl_od" in name else set()
+    assert expected <= set(logged[-1]), expected - set(logged[-1])
+    assert all(np.isfinite(r["loss"]) for r in logged)
+    assert records(tmp_path, "eval")[-1]["step"] == 4
