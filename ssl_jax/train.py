@@ -429,17 +429,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = metric_writers.Progress(config.train.total_steps, per_step, start_step)
     t = config.train
     num_epochs = math.ceil(t.total_steps / t.steps_per_epoch)
-    embed_epochs = _embeddings_epochs(config, num_epochs)
     lr_fn = optim.cosine_schedule(
         config.optim.lr,
         t.total_steps,
         warmup_steps=config.optim.warmup_steps,
         num_cycles=config.optim.num_cycles,
     )
-    collection, accumulated = None, None
+    collection, accumulated, interval_start = None, None, start_step + 1
     elapsed_before = float(meta.get("train_seconds", 0.0))
     run_start = time.perf_counter()
-    test_batches = functools.partial(data_lib.test_batches, data.test, config.data.eval_batch_size)
+    evaluate_epoch = functools.partial(
+        _evaluate_epoch,
+        model=model,
+        data=data,
+        config=config,
+        writer=writer,
+        meta=meta,
+        workdir=workdir,
+        embed_epochs=_embeddings_epochs(config, num_epochs),
+    )
 
     try:
         for step in range(start_step, t.total_steps):
@@ -452,65 +460,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             done = step + 1
             if done % t.log_every == 0 or done == t.total_steps:
                 values = {k: float(v) for k, v in accumulated.compute().items()}
-                if not (math.isfinite(values["loss"]) and math.isfinite(values["param_norm"])):
-                    writer.write("train", done, values)
-                    raise NonFiniteLossError(
-                        f"Non-finite loss or parameters between steps {done - t.log_every + 1} "
-                        f"and {done} (loss={values['loss']}, param_norm={values['param_norm']})."
-                        f" The last good checkpoint in {manager.directory} is untouched; lower "
-                        "the learning rate or check the data before resuming."
-                    )
+                _check_finite(values, interval_start, done, writer, manager.directory)
                 values["lr"] = float(lr_fn(step))  # lr used by the last update of the interval
                 timing = progress.tick(done)
                 values.update(timing)
                 writer.write("train", done, values)
                 progress.line(done, values, timing)
-                accumulated = None
+                accumulated, interval_start = None, done + 1
             epoch_end = done % t.steps_per_epoch == 0 or done == t.total_steps
-            eval_result = None
-            if epoch_end:
-                epoch = math.ceil(done / t.steps_per_epoch)
-                eval_result, arrays = evaluate(
-                    model, state.ema_params, state.ema_batch_stats, test_batches()
-                )
-                history = meta.setdefault("eval_top1_history", [])
-                history.append(eval_result["top1"])
-                meta["best_top1"] = max(history)
-                meta["mean_top1_last"] = float(np.mean(history[-t.mean_of_last :]))
-                record = dict(
-                    eval_result,
-                    epoch=epoch,
-                    best_top1=meta["best_top1"],
-                    mean_top1_last=meta["mean_top1_last"],
-                )
-                peak = peak_device_memory_bytes()
-                if peak is not None:
-                    record["peak_device_memory_bytes"] = peak
-                writer.write("eval", done, record)
-                print(
-                    f"[epoch {epoch}] EMA top-1 {eval_result['top1']:.2f}  top-5 "
-                    f"{eval_result['top5']:.2f}  best {meta['best_top1']:.2f}  mean(last "
-                    f"{t.mean_of_last}) {meta['mean_top1_last']:.2f}",
-                    flush=True,
-                )
-                if epoch in embed_epochs and "embeddings" in arrays:
-                    _save_epoch_embeddings(workdir, epoch, done, arrays, data)
+            top1 = evaluate_epoch(state, done) if epoch_end else None
             if epoch_end or done % t.checkpoint_every == 0:
                 meta["train_seconds"] = elapsed_before + time.perf_counter() - run_start
                 meta["step"] = done
-                manager.save(
-                    done,
-                    state,
-                    data_iter,
-                    meta,
-                    ema_top1=None if eval_result is None else eval_result["top1"],
-                )
+                manager.save(done, state, data_iter, meta, ema_top1=top1)
                 progress.restart()  # img/s measures training steps, not evaluation or saving
     finally:
         manager.close()
         writer.close()
         data_iter.close()  # stops grain worker processes and frees their shared memory
     return meta
+
+
+def _check_finite(values, first_step, last_step, writer, checkpoint_dir) -> None:
+    """The NaN guard: stops the run before a non-finite state can be checkpointed."""
+    if math.isfinite(values["loss"]) and math.isfinite(values["param_norm"]):
+        return
+    writer.write("train", last_step, values)
+    raise NonFiniteLossError(
+        f"Non-finite loss or parameters between steps {first_step} and {last_step} "
+        f"(loss={values['loss']}, param_norm={values['param_norm']}). The last good checkpoint "
+        f"in {checkpoint_dir} is untouched; lower the learning rate or check the data before "
+        "resuming."
+    )
+
+
+def _evaluate_epoch(state, done, *, model, data, config, writer, meta, workdir, embed_epochs):
+    """EMA evaluation at an epoch end (§4.4): logs top-1/5, best and mean of the last N."""
+    t = config.train
+    epoch = math.ceil(done / t.steps_per_epoch)
+    result, arrays = evaluate(
+        model,
+        state.ema_params,
+        state.ema_batch_stats,
+        data_lib.test_batches(data.test, config.data.eval_batch_size),
+    )
+    history = meta.setdefault("eval_top1_history", [])
+    history.append(result["top1"])
+    meta["best_top1"] = max(history)
+    meta["mean_top1_last"] = float(np.mean(history[-t.mean_of_last :]))
+    record = dict(
+        result, epoch=epoch, best_top1=meta["best_top1"], mean_top1_last=meta["mean_top1_last"]
+    )
+    peak = peak_device_memory_bytes()
+    if peak is not None:
+        record["peak_device_memory_bytes"] = peak
+    writer.write("eval", done, record)
+    print(
+        f"[epoch {epoch}] EMA top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  best "
+        f"{meta['best_top1']:.2f}  mean(last {t.mean_of_last}) {meta['mean_top1_last']:.2f}",
+        flush=True,
+    )
+    if epoch in embed_epochs and "embeddings" in arrays:
+        _save_epoch_embeddings(workdir, epoch, done, arrays, data)
+    return result["top1"]
 
 
 def _save_epoch_embeddings(workdir, epoch, step, arrays, data) -> None:
