@@ -1,9 +1,11 @@
-"""ResNet-18 forward + backward on XLA:CPU with conv_impl "lax" vs "auto" (ssl_jax.models.layers).
+"""ResNet-18 forward + backward on XLA:CPU, and the per-layer data behind `conv_impl="auto"`.
 
 Run:
     python benchmarks/conv_cpu.py                       # 64 and 704 images, lax vs auto
     python benchmarks/conv_cpu.py --batch-sizes 56 --impls auto --repeats 10
-    python benchmarks/conv_cpu.py --layers --batch-sizes 64,704   # per-layer crossover table
+    python benchmarks/conv_cpu.py --layers --batch-sizes 56,704   # per-layer, per-part table
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution \
+        python benchmarks/conv_cpu.py ...               # convolutions in Eigen, not YNNPACK
 
 The timed function is one jitted ``jax.grad`` of ``sum(logits) + sum(z)`` with respect to the
 parameters, in train mode (batch statistics, running-statistics update), at 60x60 input and
@@ -11,12 +13,14 @@ width 1.0: the forward + backward of a CoMatch train step (B=32, mu=7 -> 704 ima
 mu=2 -> 56 images) without the loss and the optimiser. Compile time is reported separately;
 each configuration is warmed up once and then timed ``--repeats`` times, configurations
 interleaved so that load from other processes hits all of them alike. Both wall time and the
-process's CPU time (all threads) are reported: on a shared machine the CPU time is the
-steadier comparison, the wall time what a run would see. One JSON line per configuration.
+process's CPU time (all threads) are reported. On a shared machine a round in which other
+processes used more than ``--max-others`` cores (read from /proc/stat) is thrown away and
+retried: a 2-thread program's wall time otherwise measures its neighbours.
 
-`--layers` times forward + backward of every distinct ResNet-18 convolution (at 60 px) and of
-the stem max-pool, for each implementation, in isolation: the data behind the "auto" rule
-in `layers.choose_conv_impl`.
+`--layers` times each of the three computations of every distinct ResNet-18 convolution (at
+60 px) -- forward, input gradient, kernel gradient -- for each formulation in
+`layers.PART_IMPLS`, in isolation, and prints the plan "auto" picks beside the fastest
+combination; then the stem max-pool. This is the data behind `layers.choose_conv_plan`.
 """
 
 from __future__ import annotations
@@ -58,6 +62,16 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes have used (from /proc/stat; 0 where there is none)."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(v) for v in stat.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def environment() -> dict:
     return {
         "device": str(jax.devices()[0]),
@@ -71,15 +85,52 @@ def environment() -> dict:
     }
 
 
-def time_interleaved(functions: dict, args: dict, repeats: int) -> dict:
-    """Runs each compiled function ``repeats`` times, round-robin; returns wall and CPU times."""
-    times = {name: {"wall": [], "cpu": []} for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            wall, cpu = time.perf_counter(), cpu_seconds()
-            jax.block_until_ready(function(*args[name]))
-            times[name]["wall"].append(time.perf_counter() - wall)
-            times[name]["cpu"].append(cpu_seconds() - cpu)
+def timed_call(function, args) -> tuple[float, float]:
+    """(wall, own CPU) seconds of one synchronised call."""
+    cpu, wall = cpu_seconds(), time.perf_counter()
+    jax.block_until_ready(function(*args))
+    return time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def others_cores(window_s: float = 0.3) -> float:
+    """Cores other processes keep busy, measured while this one sleeps for ``window_s``."""
+    busy, cpu, wall = machine_busy_seconds(), cpu_seconds(), time.perf_counter()
+    time.sleep(window_s)
+    wall = time.perf_counter() - wall
+    return max(0.0, machine_busy_seconds() - busy - (cpu_seconds() - cpu)) / wall
+
+
+def time_interleaved(
+    functions: dict, args: dict, repeats: int, max_others: float = 0.0, max_wait_s: float = 900
+) -> dict:
+    """Runs each compiled function ``repeats`` times, round-robin; returns wall and CPU times.
+
+    With ``max_others`` > 0, each round waits until other processes keep fewer than that many
+    cores busy (checked over 0.3 s; /proc/stat's 10 ms ticks are too coarse to judge one
+    short call), and a round during which they used more (with two ticks of slack) is
+    retried, for up to ``max_wait_s`` in all: on a shared machine the wall time of a
+    multi-threaded program measures its neighbours as much as the program.
+    """
+    times = {name: {"wall": [], "cpu": [], "others": []} for name in functions}
+    deadline = time.monotonic() + max_wait_s
+    slack = 2.0 / os.sysconf("SC_CLK_TCK") if max_others > 0 else 0.0
+    kept = 0
+    while kept < repeats:
+        waiting = max_others > 0 and time.monotonic() < deadline
+        if waiting and others_cores() > max_others:
+            continue
+        busy, cpu_start, wall_start = machine_busy_seconds(), cpu_seconds(), time.perf_counter()
+        round_times = {name: timed_call(f, args[name]) for name, f in functions.items()}
+        wall = time.perf_counter() - wall_start
+        others_s = machine_busy_seconds() - busy - (cpu_seconds() - cpu_start)
+        others = max(0.0, others_s - slack) / wall
+        if waiting and others > max_others:
+            continue
+        kept += 1
+        for name, (call_wall, call_cpu) in round_times.items():
+            times[name]["wall"].append(call_wall)
+            times[name]["cpu"].append(call_cpu)
+            times[name]["others"].append(others)
     return times
 
 
@@ -91,7 +142,9 @@ def summary(values: list[float]) -> dict:
     }
 
 
-def benchmark_model(batch_sizes: list[int], impls: list[str], repeats: int, image_size: int):
+def benchmark_model(
+    batch_sizes: list[int], impls: list[str], repeats: int, image_size: int, max_others: float
+):
     for batch in batch_sizes:
         images = jax.random.uniform(jax.random.PRNGKey(0), (batch, image_size, image_size, 3))
         compiled, args, compile_s = {}, {}, {}
@@ -116,7 +169,7 @@ def benchmark_model(batch_sizes: list[int], impls: list[str], repeats: int, imag
             compile_s[impl] = time.perf_counter() - start
             args[impl] = step_args
             jax.block_until_ready(compiled[impl](*step_args))  # warm-up
-        times = time_interleaved(compiled, args, repeats)
+        times = time_interleaved(compiled, args, repeats, max_others)
         for impl in impls:
             print(
                 json.dumps(
@@ -125,10 +178,12 @@ def benchmark_model(batch_sizes: list[int], impls: list[str], repeats: int, imag
                         "images": batch,
                         "image_size": image_size,
                         "conv_impl": impl,
+                        "conv_library": layers.xla_cpu_conv_library(),
                         "compile_s": round(compile_s[impl], 2),
                         "repeats": repeats,
                         "wall": summary(times[impl]["wall"]),
                         "cpu": summary(times[impl]["cpu"]),
+                        "others_cores_max": round(max(times[impl]["others"]), 2),
                         **environment(),
                     }
                 ),
@@ -136,53 +191,90 @@ def benchmark_model(batch_sizes: list[int], impls: list[str], repeats: int, imag
             )
 
 
-def benchmark_layers(batch_sizes: list[int], repeats: int):
-    convolutions = {
-        "lax": layers.conv_lax,
-        "patches": layers.conv_patches,
-        "hybrid": layers.conv_hybrid,
-    }
+# A formulation whose first (warm-up) call takes longer than this is reported, not repeated:
+# XLA:CPU's input gradient of a 2x2-output convolution can take seconds at 704 images.
+SLOW_CALL_S = 1.0
+
+
+def part_functions(kernel_size, strides, padding, x, kernel, grad_out) -> dict:
+    """{(part, formulation): jitted function of (x, kernel, grad_out)} for one convolution."""
+    x_like = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    kernel_like = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
+    in_pixels = x.shape[1] * x.shape[2]
+    functions = {}
+    for impl in layers.PART_IMPLS:
+        if impl == "dense" and in_pixels > 2 * kernel_size[0] * kernel_size[1]:
+            continue  # its cost grows with the map squared; never a candidate there
+        functions["forward", impl] = jax.jit(
+            lambda x, w, g, impl=impl: layers.conv(x, w, strides, padding, impl)
+        )
+        functions["input_grad", impl] = jax.jit(
+            lambda x, w, g, impl=impl: layers._input_grad(impl, g, x_like, w, strides, padding)
+        )
+        functions["kernel_grad", impl] = jax.jit(
+            lambda x, w, g, impl=impl: layers._kernel_grad(
+                impl, g, x, kernel_like, strides, padding
+            )
+        )
+    return functions
+
+
+def benchmark_layers(batch_sizes: list[int], repeats: int, max_others: float):
+    library = layers.xla_cpu_conv_library()
     for batch in batch_sizes:
         for name, size, kernel, stride, padding, cin, cout in RESNET18_CONVS:
-            key_x, key_w = jax.random.split(jax.random.PRNGKey(0))
+            key_x, key_w, key_g = jax.random.split(jax.random.PRNGKey(0), 3)
+            out = (size + 2 * padding - kernel) // stride + 1
             x = jax.random.normal(key_x, (batch, size, size, cin))
             w = 0.05 * jax.random.normal(key_w, (kernel, kernel, cin, cout))
-            functions, args = {}, {}
-            for impl, conv in convolutions.items():
-
-                def forward_backward(x, w, conv=conv, strides=(stride,) * 2, pads=(padding,) * 2):
-                    return jax.grad(
-                        lambda x, w: jnp.sum(conv(x, w, strides, pads) ** 2), argnums=(0, 1)
-                    )(x, w)
-
-                functions[impl] = jax.jit(forward_backward)
-                args[impl] = (x, w)
-                jax.block_until_ready(functions[impl](x, w))
-            times = time_interleaved(functions, args, repeats)
-            out = (size + 2 * padding - kernel) // stride + 1
-            auto = layers.choose_conv_impl(
+            g = jax.random.normal(key_g, (batch, out, out, cout))
+            functions = part_functions(
+                (kernel, kernel), (stride, stride), (padding, padding), x, w, g
+            )
+            slow = {}
+            for key, function in list(functions.items()):
+                start = time.perf_counter()
+                jax.block_until_ready(function(x, w, g))
+                jax.block_until_ready(function(x, w, g))
+                if time.perf_counter() - start > 2 * SLOW_CALL_S:
+                    slow[key] = (time.perf_counter() - start) / 2
+                    del functions[key]
+            times = time_interleaved(
+                functions, {key: (x, w, g) for key in functions}, repeats, max_others
+            )
+            table = {part: {} for part in ("forward", "input_grad", "kernel_grad")}
+            for (part, impl), recorded in times.items():
+                table[part][impl] = summary(recorded["wall"])["min_ms"]
+            for (part, impl), seconds in slow.items():
+                table[part][impl] = round(seconds * 1e3, 1)
+            best = layers.ConvPlan(*(min(table[p], key=table[p].get) for p in table))
+            auto = layers.choose_conv_plan(
                 "auto",
                 kernel_size=(kernel, kernel),
                 strides=(stride, stride),
+                input_hw=(size, size),
                 output_shape=(batch, out, out),
                 backend="cpu",
+                library=library,
             )
             print(
                 json.dumps(
                     {
-                        "benchmark": "conv_forward_backward",
+                        "benchmark": "conv_parts_wall_ms",
                         "layer": name,
                         "images": batch,
                         "output": out,
-                        "auto_picks": auto,
-                        **{
-                            f"{impl}_cpu_ms": summary(times[impl]["cpu"])["min_ms"]
-                            for impl in times
-                        },
-                        **{
-                            f"{impl}_wall_ms": summary(times[impl]["wall"])["min_ms"]
-                            for impl in times
-                        },
+                        "conv_library": library,
+                        **table,
+                        "auto_plan": list(auto),
+                        "auto_ms": round(
+                            sum(table[p][i] for p, i in zip(table, auto, strict=True)), 1
+                        ),
+                        "best_plan": list(best),
+                        "best_ms": round(
+                            sum(table[p][i] for p, i in zip(table, best, strict=True)), 1
+                        ),
+                        "others_cores_max": round(max(max(t["others"]) for t in times.values()), 2),
                         "load_average_1m": round(os.getloadavg()[0], 2),
                     }
                 ),
@@ -197,7 +289,7 @@ def benchmark_layers(batch_sizes: list[int], repeats: int):
         }
         for function in functions.values():
             jax.block_until_ready(function(x))
-        times = time_interleaved(functions, {impl: (x,) for impl in functions}, repeats)
+        times = time_interleaved(functions, {impl: (x,) for impl in functions}, repeats, max_others)
         print(
             json.dumps(
                 {
@@ -218,12 +310,20 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=60)
     parser.add_argument("--layers", action="store_true", help="per-layer table instead")
+    parser.add_argument(
+        "--max-others",
+        type=float,
+        default=0.2,
+        help="retry rounds in which other processes used more cores than this (0: never)",
+    )
     args = parser.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.layers:
-        benchmark_layers(batch_sizes, args.repeats)
+        benchmark_layers(batch_sizes, args.repeats, args.max_others)
     else:
-        benchmark_model(batch_sizes, args.impls.split(","), args.repeats, args.image_size)
+        benchmark_model(
+            batch_sizes, args.impls.split(","), args.repeats, args.image_size, args.max_others
+        )
 
 
 if __name__ == "__main__":

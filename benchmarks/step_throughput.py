@@ -30,11 +30,12 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from configs import base  # noqa: E402
-from ssl_jax import optim, train  # noqa: E402
+from ssl_jax import optim, train, xla_cpu  # noqa: E402
 from ssl_jax.algorithms import get_algorithm  # noqa: E402
 from ssl_jax.data import train_iterator  # noqa: E402
 from ssl_jax.data.on_device import device_augment_views  # noqa: E402
 from ssl_jax.data.synthetic import synthetic_dataset  # noqa: E402
+from ssl_jax.models import layers  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -92,6 +93,8 @@ def device_info() -> dict:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_conv_library": layers.xla_cpu_conv_library() if device.platform == "cpu" else None,
     }
 
 
@@ -179,6 +182,7 @@ def run(args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    xla_cpu.prefer_eigen_convolutions()  # as launch.py does; SSL_JAX_CPU_CONVOLUTIONS=ynn: off
     result = run(args)
     print(
         f"{result['algorithm']} {result['model']} B={result['batch']} mu={result['mu']} "

@@ -47,8 +47,10 @@ class MetricWriter:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:  # metrics.jsonl stays the complete record
-                print("tensorboardX is not installed: no TensorBoard files, metrics.jsonl only.",
-                      file=sys.stderr)
+                print(
+                    "tensorboardX is not installed: no TensorBoard files, metrics.jsonl only.",
+                    file=sys.stderr,
+                )
             else:
                 self._tb = SummaryWriter(
                     os.path.join(workdir, "tensorboard"), purge_step=start_step or None

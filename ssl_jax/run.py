@@ -8,6 +8,8 @@ import os
 
 import ml_collections
 
+from ssl_jax import xla_cpu
+
 MODES = ["train", "eval", "inspect", "predict"]
 
 
@@ -42,6 +44,7 @@ def main(
     """Runs `mode`; the last line printed is a JSON summary (train, eval, inspect)."""
     logging.getLogger("absl").setLevel(logging.WARNING)
     workdir = workdir or default_workdir(config_path)
+    xla_cpu.prefer_eigen_convolutions()
     enable_compilation_cache()
     if mode == "train":
         if config is None:

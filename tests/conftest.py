@@ -5,6 +5,8 @@ import pathlib
 
 import pytest
 
+from ssl_jax import xla_cpu
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Reuse compiled XLA programs across the tests' many tiny runs (and their subprocesses):
@@ -12,6 +14,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "jax_compilation_cache")
 )
+
+
+# The same XLA:CPU convolution library launch.py picks (ssl_jax/xla_cpu.py), so the tests
+# exercise the default path; set before any test starts a JAX backend.
+xla_cpu.prefer_eigen_convolutions()
 
 
 def shared_data_dir() -> pathlib.Path | None:

@@ -8,12 +8,15 @@ import pytest
 
 from ssl_jax.models import layers
 
-# (input size, kernel, stride, padding, cin, cout): odd/even sizes, 1x1 / 3x3 / 7x7, s1 / s2.
+# (input size, kernel, stride, padding, cin, cout): odd/even sizes, 1x1 / 3x3 / 7x7, s1 / s2,
+# and maps no larger than the kernel window (where "dense" is meant to run).
 CASES = [
     (7, 3, 1, 1, 3, 5),
     (8, 3, 2, 1, 4, 6),
     (5, 3, 2, 1, 2, 3),
     (2, 3, 1, 1, 4, 4),
+    (1, 3, 1, 1, 3, 2),
+    (2, 3, 2, 1, 2, 3),
     (4, 3, 2, 1, 3, 2),
     (9, 1, 1, 0, 3, 4),
     (8, 1, 2, 0, 4, 5),
@@ -21,6 +24,15 @@ CASES = [
     (16, 7, 2, 3, 3, 4),
     (11, 7, 2, 3, 3, 2),
     (6, 3, 1, 0, 2, 2),
+]
+
+# Uniform plans (plain autodiff of one formulation) and three mixed ones that between them
+# put every formulation in every slot of the custom VJP.
+PLANS = [
+    *layers.NAMED_PLANS.values(),
+    layers.ConvPlan("lax", "patches", "dense"),
+    layers.ConvPlan("patches", "dense", "lax"),
+    layers.ConvPlan("dense", "lax", "patches"),
 ]
 
 
@@ -32,35 +44,30 @@ def _inputs(size, kernel, cin, cout, batch=2, seed=0):
 
 
 @pytest.mark.parametrize("size,kernel,stride,padding,cin,cout", CASES)
-def test_conv_matches_lax_values_and_gradients(size, kernel, stride, padding, cin, cout):
+def test_conv_plans_match_lax_values_and_gradients(size, kernel, stride, padding, cin, cout):
     x, w = _inputs(size, kernel, cin, cout)
     strides, pads = (stride, stride), (padding, padding)
     out_shape = layers.conv_lax(x, w, strides, pads).shape
     # A non-trivial cotangent: gradients of <conv(x, w), r> for a random r.
     probe = jax.random.normal(jax.random.PRNGKey(7), out_shape)
 
-    @jax.jit
-    def outputs_and_grads(x, w):
-        results = {}
-        for name, conv_fn in (
-            ("lax", layers.conv_lax),
-            ("patches", layers.conv_patches),
-            ("hybrid", layers.conv_hybrid),
-        ):
-            results[name] = (
-                conv_fn(x, w, strides, pads),
-                *jax.grad(
-                    lambda x, w, f=conv_fn: jnp.sum(f(x, w, strides, pads) * probe),
-                    argnums=(0, 1),
-                )(x, w),
-            )
-        return results
+    def outputs_and_grads(x, w, plan):
+        return (
+            layers.conv(x, w, strides, pads, plan),
+            *jax.grad(
+                lambda x, w: jnp.sum(layers.conv(x, w, strides, pads, plan) * probe),
+                argnums=(0, 1),
+            )(x, w),
+        )
 
-    results = outputs_and_grads(x, w)
-    for impl in ("patches", "hybrid"):
-        for got, expected in zip(results[impl], results["lax"], strict=True):
-            assert got.shape == expected.shape
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4, err_msg=impl)
+    results = jax.jit(lambda x, w: [outputs_and_grads(x, w, plan) for plan in PLANS])(x, w)
+    expected = results[0]  # PLANS[0] is plain lax
+    assert layers.NAMED_PLANS["lax"] == PLANS[0]
+    for plan, result in zip(PLANS[1:], results[1:], strict=True):
+        for got, want in zip(result, expected, strict=True):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=str(plan))
+    assert layers.conv_hybrid(x, w, strides, pads).shape == out_shape
 
 
 def test_conv_matches_numpy_direct_sum():
@@ -75,11 +82,11 @@ def test_conv_matches_numpy_direct_sum():
         for j in range(out_w):
             window = xp[:, i * stride : i * stride + 3, j * stride : j * stride + 3, :]
             expected[:, i, j, :] = np.einsum("nhwc,hwco->no", window, np.asarray(w))
-    for impl in (layers.conv_lax, layers.conv_patches, layers.conv_hybrid):
+    for impl in (layers.conv_lax, layers.conv_patches, layers.conv_dense, layers.conv_hybrid):
         np.testing.assert_allclose(impl(x, w, (2, 2), (1, 1)), expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["lax", "patches", "hybrid", "auto"])
+@pytest.mark.parametrize("impl", [*layers.CONV_IMPLS, layers.ConvPlan("dense", "patches", "lax")])
 def test_conv_module_matches_flax_conv(impl):
     x, _ = _inputs(8, 3, 3, 4)
     ours = layers.Conv(4, 3, strides=2, padding=1, conv_impl=impl)
@@ -112,39 +119,65 @@ def test_he_fan_out_init_std():
     assert float(jnp.max(jnp.abs(kernel))) > 2.5 * expected_std
 
 
-def test_choose_conv_impl_rules():
-    def choose(impl="auto", kernel=3, stride=1, out=(64, 8, 8), backend="cpu"):
-        return layers.choose_conv_impl(
+def test_choose_conv_plan_rules():
+    plans = layers.NAMED_PLANS
+
+    def choose(impl="auto", kernel=3, stride=1, size=16, batch=64, backend="cpu", lib="ynn"):
+        out = layers.conv_output_size(size, kernel, stride, kernel // 2)
+        return layers.choose_conv_plan(
             impl,
             kernel_size=(kernel, kernel),
             strides=(stride, stride),
-            output_shape=out,
+            input_hw=(size, size),
+            output_shape=(batch, out, out),
             backend=backend,
+            library=lib,
         )
 
-    # Accelerators always use lax, whatever the shape.
-    assert choose(out=(64, 2, 2), backend="gpu") == "lax"
-    assert choose(kernel=1, backend="tpu") == "lax"
-    # Forced implementations are respected.
-    assert choose("lax", out=(64, 2, 2)) == "lax"
-    assert choose("patches", out=(64, 30, 30)) == "patches"
-    assert choose("hybrid") == "hybrid"
-    # CPU: tiny output maps (the pathological case), 1x1 and strided 3x3 convs use patches.
-    assert choose(out=(64, 2, 2)) == "patches"
-    assert choose(out=(704, 1, 1)) == "patches"
-    assert choose(kernel=1, stride=2) == "patches"
-    assert choose(stride=2, out=(64, 4, 4)) == "patches"
-    # The 7x7 stem stays on lax; so do stride-1 3x3 convs on small batches...
-    assert choose(kernel=7, stride=2, out=(64, 30, 30)) == "lax"
-    assert choose(out=(64, 15, 15)) == "lax"
-    # ...and large stride-1 convs switch to the matmul kernel gradient.
-    assert choose(out=(704, 15, 15)) == "hybrid"
-    # Large maps stay on lax (im2col would be 9x the activations), except 1x1 convs.
-    assert choose(out=(704, 32, 32)) == "lax"
-    assert choose(stride=2, out=(64, 30, 30)) == "lax"
-    assert choose(kernel=1, out=(64, 56, 56)) == "patches"
-    with pytest.raises(ValueError):
+    # Accelerators always use lax, whatever the shape or library.
+    assert choose(size=2, backend="gpu") == plans["lax"]
+    assert choose(kernel=1, backend="tpu", lib="eigen") == plans["lax"]
+    # Forced plans are respected, by name or as a ConvPlan.
+    assert choose("lax", size=2) == plans["lax"]
+    assert choose("patches", size=30) == plans["patches"]
+    custom = layers.ConvPlan("dense", "patches", "lax")
+    assert choose(custom) is custom
+    # Maps no larger than the 3x3 window (ResNet-18's layer4 at 60 px): dense, on both libraries.
+    assert choose(size=2) == plans["dense"] == choose(size=2, lib="eigen")
+    assert choose(size=1, batch=704) == plans["dense"]
+    # ...but a 1x1 conv on a 2x2 map is no window case.
+    assert choose(kernel=1, size=2) != plans["dense"]
+    # YNNPACK: im2col for 1x1 convs, strided 3x3 convs and 2x2 outputs...
+    assert choose(kernel=1) == plans["patches"]
+    assert choose(stride=2, size=8) == plans["patches"]
+    assert choose(stride=2, size=4) == plans["patches"]
+    # ...the stem and small stride-1 convs stay on lax, large ones get the matmul kernel grad.
+    assert choose(kernel=7, stride=2, size=60) == plans["lax"]
+    assert choose(size=15) == plans["lax"]
+    assert choose(size=15, batch=704) == plans["hybrid"]
+    # Eigen: lax forward on larger maps, im2col input gradients for strided and 1x1 convs.
+    assert choose(size=15, batch=704, lib="eigen") == plans["lax"]
+    assert choose(stride=2, size=8, lib="eigen") == layers.ConvPlan("lax", "patches", "lax")
+    assert choose(kernel=1, lib="eigen") == layers.ConvPlan("lax", "patches", "patches")
+    assert choose(stride=2, size=4, batch=56, lib="eigen").forward == "patches"
+    # Large maps never build an im2col matrix (it would be 9x the activations).
+    for lib in ("ynn", "eigen"):
+        assert choose(size=32, batch=704, lib=lib) == plans["lax"]
+        assert choose(stride=2, size=60, lib=lib) == plans["lax"]
+    with pytest.raises(ValueError, match="conv_impl"):
         choose("cudnn")
+    with pytest.raises(ValueError, match="ConvPlan parts"):
+        layers.conv(
+            jnp.zeros((1, 4, 4, 1)),
+            jnp.zeros((3, 3, 1, 1)),
+            (1, 1),
+            (1, 1),
+            layers.ConvPlan("lax", "fft", "lax"),
+        )
+
+
+def test_xla_cpu_conv_library_is_detected():
+    assert layers.xla_cpu_conv_library() in ("ynn", "eigen")
 
 
 def _torch_style_max_pool_grad(x, grad_out, window=3, stride=2, padding=1):

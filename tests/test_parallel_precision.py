@@ -63,9 +63,13 @@ def test_bf16_keeps_state_and_losses_float32_and_tracks_float32():
         state16.algo_state["queue_probs"],
     ):
         assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree.leaves(tree))
-    for a, b in zip(hist32, hist16, strict=True):
-        assert abs(a["loss_x"] - b["loss_x"]) < 0.05 * abs(a["loss_x"])
-        assert abs(a["loss_c"] - b["loss_c"]) < 0.05 * abs(a["loss_c"])
+    # Same weights at step 0: only bf16 rounding separates the losses. Later steps drift
+    # apart chaotically (different updates, flipped pseudo-label masks) but stay close.
+    for key in ("loss_x", "loss_c"):
+        f32, b16 = (np.array([h[key] for h in hist]) for hist in (hist32, hist16))
+        assert abs(f32[0] - b16[0]) < 0.01 * abs(f32[0]), key
+        np.testing.assert_array_less(np.abs(f32 - b16), 0.10 * np.abs(f32), err_msg=key)
+        assert abs(f32.mean() - b16.mean()) < 0.03 * abs(f32.mean()), key
     # bf16 really is used: the losses differ from float32 somewhere.
     assert any(a["loss"] != b["loss"] for a, b in zip(hist32, hist16, strict=True))
 

@@ -1,26 +1,36 @@
 """Convolution and max-pool layers that are fast on XLA:CPU and exact everywhere.
 
-XLA:CPU runs convolutions with tiny output maps at a few GFLOP/s: forward + backward of
-ResNet-18's layer4 3x3 conv (2x2 output at 60 px input) takes 1.07 s for 64 images and 11.6 s
-for 704, against 21 ms and 240 ms as im2col ("patches": explicit strided slices of the padded
-input, concatenated along channels) followed by one matmul. Its kernel gradients (another
-convolution whose output is the 3x3 kernel) and `reduce_window`'s max-pool gradient are slow
-too. `Conv` keeps `nn.Conv`'s parameter tree (one ``kernel``, HWIO) and picks, per layer at
-trace time, `conv_lax`, `conv_patches` or `conv_hybrid` (`choose_conv_impl`); `max_pool`
-picks `max_pool_argmax` on CPU. All compute the same function as lax; tests/test_fast_conv.py
-checks values and gradients. Numbers: benchmarks/conv_cpu.py (2-core Zen 4, jax 0.10.2).
+A convolution's training cost is three computations: the forward pass, the input gradient
+and the kernel gradient. On XLA:CPU each can be computed three ways, and which is fastest
+depends on the layer and on the library XLA hands convolutions to:
 
-The custom-gradient paths (`conv_hybrid`, `max_pool_argmax`) support reverse-mode autodiff
-(grad, vjp) but not forward-mode (jvp); use conv_impl="lax" for forward-mode.
+* ``lax``: `lax.conv_general_dilated` and its autodiff transposes;
+* ``patches``: im2col (strided slices concatenated along channels) and one matmul;
+* ``dense``: for maps no larger than the kernel window (ResNet-18's 2x2 layer4 at 60 px),
+  one matmul per output pixel against the kernel window it sees: a 3x3 conv on a 2x2 map
+  touches 4 of its 9 taps per pixel, so this does 4/9 of im2col's multiply-adds and needs no
+  patch copies.
+
+`ConvPlan` names a choice for each of the three; `conv` runs a plan (a `jax.custom_vjp` when
+the parts differ). `choose_conv_plan` picks one per layer at trace time from forward +
+backward measurements (benchmarks/conv_cpu.py --layers, 2-core Zen 4, jax 0.10.2): by default
+XLA:CPU 0.10 runs convolutions in YNNPACK, which is single-threaded on 64-channel layers and
+crawls (2-3 GFLOP/s) on 2x2 outputs; with ``--xla_cpu_experimental_ynn_fusion_type=
+-individual_convolution`` in XLA_FLAGS it runs them in Eigen, multi-threaded and 2-7x faster
+on ResNet-18's kernel gradients (see `xla_cpu_conv_library`). Every formulation computes the
+same function as lax; tests/test_fast_conv.py checks values and gradients.
+
+Mixed plans and `max_pool_argmax` support reverse-mode autodiff (grad, vjp) but not
+forward-mode (jvp); use conv_impl="lax" for forward-mode.
 
 Padding is always explicit and symmetric (PyTorch semantics, ALGORITHMS.md §3), never "SAME".
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -30,22 +40,36 @@ from jax import lax
 Array = jax.Array
 Dtype = Any
 
-CONV_IMPLS = ("auto", "lax", "patches", "hybrid")
+PART_IMPLS = ("lax", "patches", "dense")
+
+
+class ConvPlan(NamedTuple):
+    """How each of a convolution's three computations is done: "lax" | "patches" | "dense"."""
+
+    forward: str
+    input_grad: str
+    kernel_grad: str
+
+
+NAMED_PLANS = {
+    "lax": ConvPlan("lax", "lax", "lax"),
+    "patches": ConvPlan("patches", "patches", "patches"),
+    # lax forward and input gradient, im2col matmul for the kernel gradient.
+    "hybrid": ConvPlan("lax", "lax", "patches"),
+    "dense": ConvPlan("dense", "dense", "dense"),
+}
+CONV_IMPLS = ("auto", *NAMED_PLANS)
 
 # He (fan-out) normal, untruncated: std sqrt(2 / (kh * kw * cout)) as PyTorch's
 # kaiming_normal_(mode="fan_out"). (jax's he_normal is truncated, hence spelled out here.)
 he_fan_out_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-# Crossovers of choose_conv_impl, from forward + backward timings (process CPU time and wall)
-# of every ResNet-18 conv at 64 and 704 images (benchmarks/conv_cpu.py --layers), checked on
-# the whole network: patches win by 10-50x at 2x2 outputs and by 0-30% on strided 3x3/1x1
-# convs; lax wins for the 7x7 stem and for stride-1 3x3 convs at 64 images; at 704 images
-# the layer1 convs are 20-50% faster with the hybrid's matmul kernel gradient.
-PATCHES_MAX_OUTPUT_PIXELS = 2 * 2
-HYBRID_MIN_OUTPUT_ROWS = 65_536
-# Beyond this output map (e.g. WRN's 32x32 or 224 px inputs) "auto" stays on lax: untested
-# there, and the im2col matrix would grow to gigabytes at 704 images.
+# Beyond this output map (e.g. WRN's 32x32 or 224 px inputs) "auto" uses no im2col: the
+# im2col matrix would grow to gigabytes at 704 images.
 IM2COL_MAX_OUTPUT_PIXELS = 16 * 16
+# With YNNPACK, stride-1 kernel gradients with at least this many output rows (batch x
+# pixels) are 2x faster as im2col matmuls (ResNet-18 layer1 at 704 images).
+YNN_PATCHES_KERNEL_GRAD_MIN_ROWS = 65_536
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -113,75 +137,200 @@ def conv_patches(
     return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense_window_padding(size, out_size, kernel, stride, padding) -> tuple[int, int]:
+    """Zero taps needed on each side of one kernel axis so every input pixel has a tap.
+
+    Input pixel c feeds output pixel a through tap c - a * stride + padding, which ranges
+    over [padding - (out_size - 1) * stride, size - 1 + padding].
+    """
+    return max(0, (out_size - 1) * stride - padding), max(0, size + padding - kernel)
+
+
+def conv_dense(
+    x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[int, int]
+) -> Array:
+    """The same convolution as `conv_lax`, as one matmul per output pixel on the whole map.
+
+    Output pixel (a, b) is ``x.reshape(N, H * W * C) @ window(a, b)``, where the window is
+    the (H, W) slice of the kernel (zero-padded where a tap falls outside it) that lines up
+    with the input map. Its cost grows with H * W * OH * OW, so it only pays where the map is
+    no larger than the kernel (H * W <= kh * kw): there it skips the taps that land on
+    padding and copies no patches.
+    """
+    n, height, width, cin = x.shape
+    kh, kw, _, cout = kernel.shape
+    (sh, sw), (ph, pw) = strides, padding
+    out_h = conv_output_size(height, kh, sh, ph)
+    out_w = conv_output_size(width, kw, sw, pw)
+    lo_h, hi_h = _dense_window_padding(height, out_h, kh, sh, ph)
+    lo_w, hi_w = _dense_window_padding(width, out_w, kw, sw, pw)
+    if lo_h or hi_h or lo_w or hi_w:
+        kernel = jnp.pad(kernel, ((lo_h, hi_h), (lo_w, hi_w), (0, 0), (0, 0)))
+    flat = x.reshape(n, height * width * cin)
+    pixels = []
+    for a in range(out_h):
+        for b in range(out_w):
+            top, left = ph - a * sh + lo_h, pw - b * sw + lo_w
+            window = lax.slice(kernel, (top, left, 0, 0), (top + height, left + width, cin, cout))
+            pixels.append(lax.dot_general(flat, window.reshape(-1, cout), (((1,), (0,)), ((), ()))))
+    return jnp.stack(pixels, axis=1).reshape(n, out_h, out_w, cout)
+
+
+_FORMULATIONS: dict[str, Callable[..., Array]] = {
+    "lax": conv_lax,
+    "patches": conv_patches,
+    "dense": conv_dense,
+}
+
+
+def _input_grad(impl, grad_out, x_like, kernel, strides, padding) -> Array:
+    formulation = _FORMULATIONS[impl]
+    transpose = jax.linear_transpose(
+        lambda inputs: formulation(inputs, kernel, strides, padding), x_like
+    )
+    return transpose(grad_out)[0]
+
+
+def _kernel_grad(impl, grad_out, x, kernel_like, strides, padding, patches=None) -> Array:
+    if impl == "patches":
+        if patches is None:
+            patches = extract_patches(x, kernel_like.shape[:2], strides, padding)
+        grad = lax.dot_general(
+            patches, grad_out.astype(patches.dtype), (((0, 1, 2), (0, 1, 2)), ((), ()))
+        )
+        return grad.reshape(kernel_like.shape)
+    formulation = _FORMULATIONS[impl]
+    transpose = jax.linear_transpose(
+        lambda weights: formulation(x, weights, strides, padding), kernel_like
+    )
+    return transpose(grad_out)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_mixed(x, kernel, strides, padding, plan):
+    return _FORMULATIONS[plan.forward](x, kernel, strides, padding)
+
+
+def _conv_mixed_fwd(x, kernel, strides, padding, plan):
+    if plan.forward == "patches" and plan.kernel_grad == "patches":
+        # The kernel gradient reuses the forward pass's im2col matrix.
+        kh, kw, cin, cout = kernel.shape
+        patches = extract_patches(x, (kh, kw), strides, padding)
+        y = lax.dot_general(patches, kernel.reshape(-1, cout), (((3,), (0,)), ((), ())))
+        return y, (x, patches, kernel)
+    return _FORMULATIONS[plan.forward](x, kernel, strides, padding), (x, None, kernel)
+
+
+def _conv_mixed_bwd(strides, padding, plan, residuals, grad_out):
+    x, patches, kernel = residuals
+    x_like = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    kernel_like = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
+    grad_x = _input_grad(plan.input_grad, grad_out, x_like, kernel, strides, padding)
+    grad_kernel = _kernel_grad(
+        plan.kernel_grad, grad_out, x, kernel_like, strides, padding, patches=patches
+    )
+    return grad_x, grad_kernel
+
+
+_conv_mixed.defvjp(_conv_mixed_fwd, _conv_mixed_bwd)
+
+
+def conv(
+    x: Array,
+    kernel: Array,
+    strides: tuple[int, int],
+    padding: tuple[int, int],
+    plan: ConvPlan | str = "lax",
+) -> Array:
+    """The convolution `conv_lax` computes, by ``plan`` (a `ConvPlan` or a `NAMED_PLANS` key).
+
+    A uniform plan is plain autodiff of one formulation; a mixed one is a `jax.custom_vjp`.
+    """
+    if isinstance(plan, str):
+        plan = NAMED_PLANS[plan]
+    for part in plan:
+        if part not in PART_IMPLS:
+            raise ValueError(f"ConvPlan parts must be in {PART_IMPLS}, got {plan}")
+    if plan.forward == plan.input_grad == plan.kernel_grad:
+        return _FORMULATIONS[plan.forward](x, kernel, strides, padding)
+    return _conv_mixed(x, kernel, tuple(strides), tuple(padding), plan)
+
+
 def conv_hybrid(
     x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[int, int]
 ) -> Array:
-    """`conv_lax` forward and input gradient, with the kernel gradient as one matmul.
+    """`conv_lax` forward and input gradient, with the kernel gradient as one matmul."""
+    return conv(x, kernel, strides, padding, NAMED_PLANS["hybrid"])
 
-    XLA:CPU computes a convolution's kernel gradient as another convolution whose output is
-    the tiny kernel (3x3) and whose contraction runs over batch x space: the small-output case
-    it handles worst (about 1 s for ResNet-18 layer1 at 704 images). im2col patches
-    transposed times the output gradient is the same sum at matmul speed.
+
+@functools.cache
+def xla_cpu_conv_library() -> str:
+    """Which library XLA:CPU runs convolutions in: "ynn" (YNNPACK) or "eigen".
+
+    jax 0.10's XLA:CPU wraps convolutions in YNNPACK fusions unless XLA_FLAGS contains
+    ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``; the fast formulation
+    of a layer differs between the two. Read off the compiled HLO of a tiny convolution (one
+    ~50 ms compile per process), so it follows whatever flags and jax version are in use.
+    (YNNPACK takes only convolutions with enough channels, 32 or more, hence 64 here.)
     """
-    return conv_lax(x, kernel, strides, padding)
+    x = jax.ShapeDtypeStruct((1, 8, 8, 64), jnp.float32)
+    kernel = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
+    compiled = jax.jit(conv_lax, static_argnums=(2, 3)).lower(x, kernel, (1, 1), (1, 1)).compile()
+    return "ynn" if "__ynn_fusion" in compiled.as_text() else "eigen"
 
 
-def _conv_hybrid_fwd(x, kernel, strides, padding):
-    return conv_lax(x, kernel, strides, padding), (x, kernel)
-
-
-def _conv_hybrid_bwd(strides, padding, residuals, grad_out):
-    x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda inputs: conv_lax(inputs, kernel, strides, padding), x)
-    (grad_x,) = input_vjp(grad_out)
-    patches = extract_patches(x, kernel.shape[:2], strides, padding)
-    grad_kernel = lax.dot_general(
-        patches, grad_out.astype(patches.dtype), (((0, 1, 2), (0, 1, 2)), ((), ()))
-    )
-    return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
-
-
-conv_hybrid.defvjp(_conv_hybrid_fwd, _conv_hybrid_bwd)
-
-
-def choose_conv_impl(
-    impl: str,
+def choose_conv_plan(
+    impl: str | ConvPlan,
     *,
     kernel_size: tuple[int, int],
     strides: tuple[int, int],
+    input_hw: tuple[int, int],
     output_shape: tuple[int, int, int],
     backend: str | None = None,
-) -> str:
-    """Resolves ``impl`` ("auto", "lax", "patches", "hybrid") to what one layer runs.
+    library: str | None = None,
+) -> ConvPlan:
+    """Resolves ``impl`` ("auto", a `NAMED_PLANS` key or a `ConvPlan`) to one layer's plan.
 
-    ``output_shape`` is (batch, out_h, out_w). "auto" keeps `lax` on GPU/TPU. On the CPU
-    backend it follows the forward + backward measurements of benchmarks/conv_cpu.py:
-    patches+matmul for output maps of at most `PATCHES_MAX_OUTPUT_PIXELS` pixels (where
-    XLA:CPU's convolutions crawl) and for 1x1 convs; for maps up to
-    `IM2COL_MAX_OUTPUT_PIXELS`, patches+matmul for strided 3x3 convs and the hybrid (lax
-    forward and input gradient, matmul kernel gradient) for stride-1 convs with at least
-    `HYBRID_MIN_OUTPUT_ROWS` output rows (batch x pixels), where XLA's kernel-gradient
-    convolution falls out of cache; lax otherwise (the 7x7 stem included).
+    ``output_shape`` is (batch, out_h, out_w). "auto" keeps lax on GPU/TPU. On the CPU
+    backend it follows per-part measurements of every ResNet-18 convolution at 56-64 and 704
+    images (benchmarks/conv_cpu.py --layers; ``library``: see `xla_cpu_conv_library`):
+
+    * maps no larger than the kernel (2x2 under 3x3): ``dense`` throughout;
+    * 1x1 and strided convs (up to `IM2COL_MAX_OUTPUT_PIXELS`): im2col input gradients
+      (XLA's is a dilated convolution that crawls on small maps) and, for 1x1, kernel
+      gradients;
+    * Eigen: lax for everything else except forward passes on 2x2 outputs at small batch;
+    * YNNPACK: im2col wherever its convolutions are single-threaded or slow (2x2 outputs,
+      strided 3x3, kernel gradients of large stride-1 layers).
     """
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
-    if impl != "auto":
+    if isinstance(impl, ConvPlan):
         return impl
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS} or a ConvPlan, got {impl!r}")
+    if impl != "auto":
+        return NAMED_PLANS[impl]
     backend = backend or jax.default_backend()
     if backend != "cpu":
-        return "lax"
+        return NAMED_PLANS["lax"]
+    library = library or xla_cpu_conv_library()
     batch, out_h, out_w = output_shape
-    pixels = out_h * out_w
-    if pixels <= PATCHES_MAX_OUTPUT_PIXELS or kernel_size == (1, 1):
-        return "patches"
-    if pixels > IM2COL_MAX_OUTPUT_PIXELS:  # bounds the im2col matrix (9x the input at 3x3)
-        return "lax"
-    if strides != (1, 1) and max(kernel_size) <= 3:
-        return "patches"
-    if strides == (1, 1) and batch * pixels >= HYBRID_MIN_OUTPUT_ROWS:
-        return "hybrid"
-    return "lax"
+    kh, kw = kernel_size
+    in_pixels, out_pixels = input_hw[0] * input_hw[1], out_h * out_w
+    if kh * kw > 1 and in_pixels <= kh * kw:
+        return NAMED_PLANS["dense"]
+    if out_pixels > IM2COL_MAX_OUTPUT_PIXELS:
+        return NAMED_PLANS["lax"]
+    pointwise, strided = (kh, kw) == (1, 1), strides != (1, 1)
+    if library == "eigen":
+        forward = "patches" if out_pixels <= 4 and batch * out_pixels <= 1024 else "lax"
+        input_grad = "patches" if pointwise or strided else "lax"
+        kernel_grad = "patches" if pointwise else "lax"
+        return ConvPlan(forward, input_grad, kernel_grad)
+    if pointwise or out_pixels <= 4 or (strided and max(kh, kw) <= 3):
+        return NAMED_PLANS["patches"]
+    if batch * out_pixels >= YNN_PATCHES_KERNEL_GRAD_MIN_ROWS:
+        return NAMED_PLANS["hybrid"]
+    return NAMED_PLANS["lax"]
 
 
 class Conv(nn.Module):
@@ -195,7 +344,7 @@ class Conv(nn.Module):
       use_bias: add a ``bias`` parameter (the backbones use none).
       dtype: computation dtype (inputs and kernel are cast to it).
       param_dtype: parameter dtype (float32 even when computing in bfloat16).
-      conv_impl: "auto" | "lax" | "patches" (see `choose_conv_impl`).
+      conv_impl: "auto", a `NAMED_PLANS` key or a `ConvPlan` (see `choose_conv_plan`).
     """
 
     features: int
@@ -207,7 +356,7 @@ class Conv(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable[..., Array] = he_fan_out_normal
     bias_init: Callable[..., Array] = nn.initializers.zeros
-    conv_impl: str = "auto"
+    conv_impl: str | ConvPlan = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -224,14 +373,14 @@ class Conv(nn.Module):
             conv_output_size(x.shape[1 + axis], kernel_size[axis], strides[axis], padding[axis])
             for axis in range(2)
         )
-        impl = choose_conv_impl(
+        plan = choose_conv_plan(
             self.conv_impl,
             kernel_size=kernel_size,
             strides=strides,
+            input_hw=x.shape[1:3],
             output_shape=(x.shape[0], *output_hw),
         )
-        convolve = {"lax": conv_lax, "patches": conv_patches, "hybrid": conv_hybrid}[impl]
-        y = convolve(x.astype(self.dtype), kernel.astype(self.dtype), strides, padding)
+        y = conv(x.astype(self.dtype), kernel.astype(self.dtype), strides, padding, plan)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)

@@ -1,0 +1,73 @@
+"""The benchmark scripts run end to end and report what issue 6 asks of them."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+REQUIRED_KEYS = {
+    "ms_per_step_median",
+    "images_per_s",
+    "compile_s",
+    "device",
+    "batch",
+    "mu",
+    "model",
+    "algorithm",
+    "jax",
+    "flax",
+}
+
+# Runs the benchmark in a fresh Python in which tensorflow_datasets cannot be imported, as on
+# the GPU machine (which lacks it).
+WITHOUT_TFDS = (
+    "import runpy, sys; sys.modules['tensorflow_datasets'] = None; "
+    "sys.argv = ['step_throughput.py', *sys.argv[1:]]; "
+    "runpy.run_path('benchmarks/step_throughput.py', run_name='__main__')"
+)
+
+
+def test_step_throughput_runs_without_tfds_and_reports_json(tmp_path):
+    command = [
+        sys.executable,
+        "-c",
+        WITHOUT_TFDS,
+        "--algorithm=comatch_triplet",
+        "--model=resnet18",
+        "--width=0.125",
+        "--batch=4",
+        "--mu=2",
+        "--images=64",
+        "--steps=3",
+        "--warmup=1",
+        "--augment=device",
+    ]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert REQUIRED_KEYS <= result.keys()
+    assert (result["algorithm"], result["model"], result["batch"], result["mu"]) == (
+        "comatch_triplet",
+        "resnet18",
+        4,
+        2,
+    )
+    assert result["images_per_step"] == 4 + 3 * 2 * 4 == 28  # B + three views of mu * B
+    assert result["ms_per_step_median"] > 0 and result["compile_s"] > 0
+    assert result["ms_per_step_p10"] <= result["ms_per_step_median"] <= result["ms_per_step_p90"]
+    assert abs(result["images_per_s"] - 1e3 * 28 / result["ms_per_step_median"]) < 1
+    assert result["loss_finite"] is True
+    assert result["device"].startswith("cpu")
+
+
+def test_sweep_table_reports_failures_instead_of_dropping_them():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import sweep
+    finally:
+        sys.path.pop(0)
+    row = sweep.run_one("no_such_algorithm", "resnet18", ["--steps=1"], "")
+    assert "error" in row and row["algorithm"] == "no_such_algorithm"
+    table = sweep.markdown([row])
+    assert "no_such_algorithm" in table and "failed:" in table
