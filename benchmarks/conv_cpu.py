@@ -4,8 +4,8 @@ Run:
     python benchmarks/conv_cpu.py                       # 64 and 704 images, lax vs auto
     python benchmarks/conv_cpu.py --batch-sizes 56 --impls auto --repeats 10
     python benchmarks/conv_cpu.py --layers --batch-sizes 56,704   # per-layer, per-part table
-    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution \
-        python benchmarks/conv_cpu.py ...               # convolutions in Eigen, not YNNPACK
+    SSL_JAX_CPU_CONVOLUTIONS=ynn python benchmarks/conv_cpu.py ...
+        # convolutions in YNNPACK (XLA's default) instead of Eigen (ssl_jax's, ssl_jax/xla_cpu.py)
 
 The timed function is one jitted ``jax.grad`` of ``sum(logits) + sum(z)`` with respect to the
 parameters, in train mode (batch statistics, running-statistics update), at 60x60 input and
@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from ssl_jax import xla_cpu  # noqa: E402
 from ssl_jax.models import get_model, layers  # noqa: E402
 
 # (name, input size, kernel, stride, padding, cin, cout): ResNet-18's convolutions at 60 px.
@@ -317,6 +318,7 @@ def main():
         help="retry rounds in which other processes used more cores than this (0: never)",
     )
     args = parser.parse_args()
+    xla_cpu.prefer_eigen_convolutions()  # as launch.py; SSL_JAX_CPU_CONVOLUTIONS=ynn: YNNPACK
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.layers:
         benchmark_layers(batch_sizes, args.repeats, args.max_others)

@@ -218,26 +218,70 @@ def semihard_triplet_loss(
     )
 
 
+# Anchors per block of the triplet miner's (block, B, B) work: 8 x 224 x 224 floats is 1.5 MiB.
+TRIPLET_ANCHOR_BLOCK = 8
+# Below this batch the (B, B, B) work fits in cache anyway: one block, no loop.
+TRIPLET_BLOCKED_MIN_BATCH = 64
+
+
 def semihard_triplet_loss_from_similarity(
     *, similarity: jax.Array, labels: jax.Array, margin: float = 0.2
 ) -> tuple[jax.Array, TripletStats]:
     """The §6 miner, loss and ThresholdReducer(low=0) on a given (B, B) similarity matrix.
 
     Gradient w.r.t. S: +1/N on each kept S_an, -1/N on each kept S_ap; the masks carry none.
+    The (B, B, B) work happens once, without gradient, reduced per anchor to (B,) counts and
+    sums: the loss value is summed over the kept triplets, and the gradient comes from a
+    (B, B) surrogate with the same derivative, ``sum(S * (kept_per_an - kept_per_ap)) / N``,
+    added as ``x - stop_gradient(x)`` (zero in value). On CPU anchors go in blocks of
+    `TRIPLET_ANCHOR_BLOCK` so the intermediates stay in cache (B=224: 78 -> 51 ms on the
+    2-core development CPU); small batches and accelerators take one block.
     """
-    masks = semihard_triplet_masks(
-        similarity=jax.lax.stop_gradient(similarity), labels=labels, margin=margin
+    fixed = jax.lax.stop_gradient(similarity)
+    b = labels.shape[0]
+    same = labels[:, None] == labels[None, :]
+    positive_pair = same & ~jnp.eye(b, dtype=bool)
+    negative = ~same
+
+    def per_anchor(row):
+        """Counts and loss sums over the negatives for one anchor's (positive, negative) grid."""
+        sim, pos, neg = row
+        sim_ap, sim_an = sim[:, None], sim[None, :]
+        valid = pos[:, None] & neg[None, :]
+        triplet_margin = sim_ap - sim_an  # similarity: the margin flips sign vs. distances
+        mined = valid & (triplet_margin > 0) & (triplet_margin <= margin)
+        # relu((S_an - S_ap) + margin), evaluated in the reference's order.
+        per_triplet = jax.nn.relu(sim_an - sim_ap + margin)
+        # The reducer keeps strictly positive losses: a mined triplet at the margin drops out.
+        keep = mined & (per_triplet > 0)
+        return (
+            jnp.sum(keep, axis=1, dtype=jnp.int32),
+            jnp.sum(jnp.where(keep, per_triplet, 0.0), axis=1),
+            jnp.sum(mined, axis=1, dtype=jnp.int32),
+            jnp.sum(valid & (sim_ap == sim_an), axis=1, dtype=jnp.int32),
+            jnp.sum(keep, axis=0, dtype=jnp.int32),
+        )
+
+    cpu_sized = jax.default_backend() == "cpu" and b >= TRIPLET_BLOCKED_MIN_BATCH
+    block = TRIPLET_ANCHOR_BLOCK if cpu_sized else b
+    kept_per_ap, loss_per_ap, mined_per_ap, ties_per_ap, kept_per_an = jax.lax.map(
+        per_anchor, (fixed, positive_pair, negative), batch_size=block
     )
-    # relu((S_an - S_ap) + margin), evaluated in the reference's order.
-    per_triplet = jax.nn.relu(similarity[:, None, :] - similarity[:, :, None] + margin)
-    # The reducer keeps strictly positive losses: a mined triplet at exactly the margin drops out.
-    keep = masks.mined & (jax.lax.stop_gradient(per_triplet) > 0)
-    num_kept = jnp.sum(keep, dtype=jnp.int32)
-    loss = jnp.sum(jnp.where(keep, per_triplet, 0.0)) / jnp.maximum(num_kept, 1)
+
+    num_kept = jnp.sum(kept_per_ap)
+    denominator = jnp.maximum(num_kept, 1).astype(similarity.dtype)
+    value = jnp.sum(loss_per_ap) / denominator
+    kept_difference = (kept_per_an - kept_per_ap).astype(similarity.dtype)
+    surrogate = jnp.sum(similarity * kept_difference) / denominator
+    loss = value + (surrogate - jax.lax.stop_gradient(surrogate))
+    # valid = positive pair (a, p) and negative (a, n): a product of per-anchor counts.
+    num_valid = jnp.sum(
+        jnp.sum(positive_pair, axis=1, dtype=jnp.int32) * jnp.sum(negative, axis=1, dtype=jnp.int32)
+    )
     stats = TripletStats(
-        valid=jnp.sum(masks.valid, dtype=jnp.int32),
-        mined=jnp.sum(masks.mined, dtype=jnp.int32),
+        valid=num_valid,
+        mined=jnp.sum(mined_per_ap),
         positive=num_kept,
-        ties=jnp.sum(masks.ties, dtype=jnp.int32),
+        ties=jnp.sum(ties_per_ap),
     )
     return loss, stats

@@ -88,6 +88,48 @@ def test_triplet_valid_count_closed_form_and_single_compile_at_paper_batch():
         assert grad.shape == (224, 64) and np.all(np.isfinite(np.asarray(grad)))
 
 
+def test_triplet_blocked_cpu_path_equals_one_block_and_numpy(monkeypatch):
+    """B = 100 (blocks of 8 plus a remainder) against one block and a vectorised NumPy §6."""
+    rng = np.random.default_rng(3)
+    b = 100
+    assert b >= losses.TRIPLET_BLOCKED_MIN_BATCH and b % losses.TRIPLET_ANCHOR_BLOCK
+    labels = rng.integers(0, 6, size=b).astype(np.int32)
+    emb = unit_rows(rng.normal(size=(b, 16)).astype(np.float32) + 0.7 * labels[:, None])
+    sim = np.asarray(losses.cosine_similarity(jnp.asarray(emb)))
+
+    # NumPy: masks over [anchor, positive, negative], the loss and d loss / d S by counting.
+    same = labels[:, None] == labels[None, :]
+    valid = (same & ~np.eye(b, dtype=bool))[:, :, None] & ~same[:, None, :]
+    s_ap, s_an = sim[:, :, None], sim[:, None, :]
+    per_triplet = np.maximum(np.float32(0), (s_an - s_ap) + np.float32(0.2))
+    mined = valid & (s_ap - s_an > 0) & (s_ap - s_an <= np.float32(0.2))
+    keep = mined & (per_triplet > 0)
+    n_kept = int(keep.sum())
+    expected_loss = float(per_triplet[keep].astype(np.float64).sum() / n_kept)
+    expected_grad = (keep.sum(axis=1) - keep.sum(axis=2)) / n_kept
+
+    def run():
+        loss_and_grad = jax.value_and_grad(
+            lambda s: losses.semihard_triplet_loss_from_similarity(
+                similarity=s, labels=jnp.asarray(labels)
+            ),
+            has_aux=True,
+        )
+        return jax.jit(loss_and_grad)(jnp.asarray(sim))
+
+    (loss, stats), grad = run()
+    monkeypatch.setattr(losses, "TRIPLET_BLOCKED_MIN_BATCH", 10**9)
+    (loss_one, stats_one), grad_one = run()
+
+    assert n_kept > 1000
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=1e-5, atol=1e-9)
+    assert [int(x) for x in stats] == [int(valid.sum()), int(mined.sum()), n_kept, 0]
+    assert [int(x) for x in stats_one] == [int(x) for x in stats]
+    np.testing.assert_allclose(float(loss_one), float(loss), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad_one), np.asarray(grad), rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize(
     "labels",
     [
