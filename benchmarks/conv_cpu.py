@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 
@@ -38,6 +37,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import cpu_load  # noqa: E402  (benchmarks/cpu_load.py, beside this script)
 
 from ssl_jax import xla_cpu  # noqa: E402
 from ssl_jax.models import get_model, layers  # noqa: E402
@@ -58,21 +59,6 @@ RESNET18_CONVS = [
 ]
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all processes have used (from /proc/stat; 0 where there is none)."""
-    try:
-        with open("/proc/stat") as stat:
-            ticks = [int(v) for v in stat.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def environment() -> dict:
     return {
         "device": str(jax.devices()[0]),
@@ -88,17 +74,16 @@ def environment() -> dict:
 
 def timed_call(function, args) -> tuple[float, float]:
     """(wall, own CPU) seconds of one synchronised call."""
-    cpu, wall = cpu_seconds(), time.perf_counter()
+    cpu, wall = cpu_load.process_cpu_seconds(), time.perf_counter()
     jax.block_until_ready(function(*args))
-    return time.perf_counter() - wall, cpu_seconds() - cpu
+    return time.perf_counter() - wall, cpu_load.process_cpu_seconds() - cpu
 
 
 def others_cores(window_s: float = 0.3) -> float:
     """Cores other processes keep busy, measured while this one sleeps for ``window_s``."""
-    busy, cpu, wall = machine_busy_seconds(), cpu_seconds(), time.perf_counter()
+    start = cpu_load.mark()
     time.sleep(window_s)
-    wall = time.perf_counter() - wall
-    return max(0.0, machine_busy_seconds() - busy - (cpu_seconds() - cpu)) / wall
+    return cpu_load.others_since(start)[1]
 
 
 def time_interleaved(
@@ -114,17 +99,15 @@ def time_interleaved(
     """
     times = {name: {"wall": [], "cpu": [], "others": []} for name in functions}
     deadline = time.monotonic() + max_wait_s
-    slack = 2.0 / os.sysconf("SC_CLK_TCK") if max_others > 0 else 0.0
+    slack_ticks = 2 if max_others > 0 else 0
     kept = 0
     while kept < repeats:
         waiting = max_others > 0 and time.monotonic() < deadline
         if waiting and others_cores() > max_others:
             continue
-        busy, cpu_start, wall_start = machine_busy_seconds(), cpu_seconds(), time.perf_counter()
+        start = cpu_load.mark()
         round_times = {name: timed_call(f, args[name]) for name, f in functions.items()}
-        wall = time.perf_counter() - wall_start
-        others_s = machine_busy_seconds() - busy - (cpu_seconds() - cpu_start)
-        others = max(0.0, others_s - slack) / wall
+        _, others = cpu_load.others_since(start, slack_ticks)
         if waiting and others > max_others:
             continue
         kept += 1

@@ -32,10 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
+
+import cpu_load  # benchmarks/cpu_load.py, beside this script
 
 try:
     import torch
@@ -96,21 +97,6 @@ def build_resnet18(num_classes: int = 10, low_dim: int = 64, hidden: int = 2048)
     return ResNet18()
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all processes have used (from /proc/stat; 0 where there is none)."""
-    try:
-        with open("/proc/stat") as stat:
-            ticks = [int(v) for v in stat.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def timed(function, steps: int, warmup: int, max_others: float = 0.0, max_wait_s: float = 600):
     """Wall seconds of ``steps`` calls after ``warmup``, and the worst neighbour load seen.
 
@@ -121,15 +107,12 @@ def timed(function, steps: int, warmup: int, max_others: float = 0.0, max_wait_s
     """
     for _ in range(warmup):
         function()
-    slack = 2.0 / os.sysconf("SC_CLK_TCK")
     deadline = time.monotonic() + max_wait_s
     times, worst = [], 0.0
     while len(times) < steps:
-        busy, cpu, start = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+        start = cpu_load.mark()
         function()
-        wall = time.perf_counter() - start
-        others = max(0.0, machine_busy_seconds() - busy - (own_cpu_seconds() - cpu) - slack)
-        others /= wall
+        wall, others = cpu_load.others_since(start, slack_ticks=2)
         if max_others > 0 and others > max_others and time.monotonic() < deadline:
             time.sleep(0.5)
             continue

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
 
 CHECKPOINT_DIR = "checkpoints"
@@ -37,14 +38,9 @@ class CheckpointError(RuntimeError):
     """A workdir or checkpoint that cannot serve the request; the message says what to do."""
 
 
-def _flatten(d, prefix=""):
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def flatten_config(config: dict) -> dict:
+    """A config's JSON dict as ``{"optim.lr": 0.03, ...}``: comparable key by key."""
+    return traverse_util.flatten_dict(config, sep=".")
 
 
 def load_saved_config(workdir: str) -> ml_collections.ConfigDict:
@@ -68,8 +64,8 @@ def check_config_compatible(config: ml_collections.ConfigDict, workdir: str) -> 
     if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
         return
     with open(path) as f:
-        saved = _flatten(json.load(f))
-    current = _flatten(json.loads(config.to_json_best_effort()))
+        saved = flatten_config(json.load(f))
+    current = flatten_config(json.loads(config.to_json_best_effort()))
     differences = [
         f"{key}: saved {saved.get(key)!r} != now {current.get(key)!r}"
         for key in sorted(set(saved) | set(current))

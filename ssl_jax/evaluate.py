@@ -301,24 +301,21 @@ def evaluate_workdir(workdir: str, cli_config: ml_collections.ConfigDict | None 
 
     out_dir = os.path.join(workdir, "eval", str(step))
     os.makedirs(out_dir, exist_ok=True)
-    predictions = np.argmax(arrays["logits"], axis=1).astype(np.int32)
+    per_image = {  # saved beside both the logits and the embeddings
+        "labels": arrays["labels"],
+        "predictions": np.argmax(arrays["logits"], axis=1).astype(np.int32),
+        "files": np.asarray(data.test.files),
+        "class_names": np.asarray(class_names),
+    }
     np.savez_compressed(
-        os.path.join(out_dir, "predictions.npz"),
-        logits=arrays["logits"],
-        labels=arrays["labels"],
-        predictions=predictions,
-        files=np.asarray(data.test.files),
-        class_names=np.asarray(class_names),
+        os.path.join(out_dir, "predictions.npz"), logits=arrays["logits"], **per_image
     )
     if "embeddings" in arrays:
         np.savez_compressed(
             os.path.join(out_dir, "embeddings.npz"),
             embeddings=arrays["embeddings"],
-            labels=arrays["labels"],
-            predictions=predictions,
-            files=np.asarray(data.test.files),
-            class_names=np.asarray(class_names),
             step=np.int32(step),
+            **per_image,
         )
     figures_lib.write_confusion_csv(cm, class_names, os.path.join(out_dir, "confusion_matrix.csv"))
     result["figures"] = (

@@ -43,19 +43,9 @@ class ReportError(ValueError):
     """A workdir that cannot be reported; the message names it and says why."""
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def experiment_key(config: dict) -> str:
     """The config without the keys in NOT_EXPERIMENT_KEYS, as canonical JSON."""
-    flat = _flatten(config)
+    flat = checkpoint_lib.flatten_config(config)
     kept = {
         k: v
         for k, v in flat.items()

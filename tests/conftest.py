@@ -1,5 +1,6 @@
 """Shared test fixtures: where the real data lives, and a small CPU-friendly environment."""
 
+import importlib
 import os
 import pathlib
 
@@ -45,3 +46,21 @@ def _data_env():
     if path is not None and "SSL_JAX_DATA" not in os.environ:
         os.environ["SSL_JAX_DATA"] = str(path)
     yield
+
+
+def tiny_run_config(name, cache_dir, **train_overrides):
+    """``configs/<name>.py:smoke`` cut to 8 steps: the one tiny real-data run of the tests.
+
+    Every test file that trains uses it, so their runs share shapes and therefore the
+    compiled programs in the compilation cache.
+    """
+    config = importlib.import_module(f"configs.{name}").get_config("smoke")
+    config.train.total_steps = 8
+    config.train.steps_per_epoch = 4
+    config.train.log_every = 2
+    config.train.checkpoint_every = 4
+    config.data.cache_dir = cache_dir
+    config.eval.figures = False
+    for key, value in train_overrides.items():
+        config.train[key] = value
+    return config

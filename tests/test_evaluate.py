@@ -12,6 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import tiny_run_config
 from PIL import Image
 
 from ssl_jax import checkpoint as checkpoint_lib
@@ -21,17 +22,9 @@ from ssl_jax.data import DataError
 UCM10 = importlib.import_module("configs.base").UCM10_CLASSES
 
 
-def tiny_config(cache_dir, name="ucm10_triplet"):
-    """tests/test_train.py's tiny run (same shapes, so the compilation cache is shared)."""
-    config = importlib.import_module(f"configs.{name}").get_config("smoke")
-    config.train.total_steps = 8
-    config.train.steps_per_epoch = 4
-    config.train.log_every = 2
-    config.train.checkpoint_every = 4
-    config.train.save_embeddings_epochs = (1, -1)
-    config.data.cache_dir = cache_dir
-    config.eval.figures = False
-    return config
+def tiny_config(cache_dir):
+    """The tests' tiny run (conftest.tiny_run_config) of CoMatch+Triplet, saving embeddings."""
+    return tiny_run_config("ucm10_triplet", cache_dir, save_embeddings_epochs=(1, -1))
 
 
 @pytest.fixture(scope="module")

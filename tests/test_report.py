@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import tiny_run_config
 
 from ssl_jax import evaluate, metric_writers, report, train
 
@@ -16,15 +17,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_supervised(cache_dir, seed):
-    """tests/test_train.py's tiny supervised run (same shapes: shared compilation cache)."""
-    config = importlib.import_module("configs.ucm10_supervised").get_config("smoke")
+    """The tests' tiny supervised run (conftest.tiny_run_config) with the given seed."""
+    config = tiny_run_config("ucm10_supervised", cache_dir)
     config.seed = seed
-    config.train.total_steps = 8
-    config.train.steps_per_epoch = 4
-    config.train.log_every = 2
-    config.train.checkpoint_every = 4
-    config.data.cache_dir = cache_dir
-    config.eval.figures = False
     return config
 
 

@@ -1,7 +1,6 @@
 """End to end on real UCM10 images with tiny models: train, log, checkpoint, resume, evaluate."""
 
 import dataclasses
-import importlib
 import json
 import os
 import pathlib
@@ -14,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_run_config
 
 from ssl_jax import checkpoint as checkpoint_lib
 from ssl_jax import evaluate, metric_writers, train
@@ -27,25 +27,12 @@ def cache_dir(tmp_path_factory, shared_data):
     return str(tmp_path_factory.mktemp("decoded_cache"))
 
 
-def tiny_config(name, cache_dir, **train_overrides):
-    config = importlib.import_module(f"configs.{name}").get_config("smoke")
-    config.train.total_steps = 8
-    config.train.steps_per_epoch = 4
-    config.train.log_every = 2
-    config.train.checkpoint_every = 4
-    config.data.cache_dir = cache_dir
-    config.eval.figures = False
-    for key, value in train_overrides.items():
-        config.train[key] = value
-    return config
-
-
 def records(workdir, kind):
     return [r for r in metric_writers.read_metrics(str(workdir)) if r["kind"] == kind]
 
 
 def test_supervised_run_logs_checkpoints_and_evaluates(tmp_path, cache_dir):
-    config = tiny_config("ucm10_supervised", cache_dir)
+    config = tiny_run_config("ucm10_supervised", cache_dir)
     train.TRACE_COUNTS.clear()
     meta = train.train_and_evaluate(config, str(tmp_path))
     assert train.TRACE_COUNTS["train_step"] == 1  # jitted once, never retraced in the loop
@@ -80,7 +67,7 @@ class _Interrupt(Exception):
 
 def test_comatch_triplet_resume_is_bit_identical(tmp_path, cache_dir, monkeypatch):
     """An interrupted run, resumed, logs exactly the losses of an uninterrupted one."""
-    config = tiny_config("ucm10_triplet", cache_dir)
+    config = tiny_run_config("ucm10_triplet", cache_dir)
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
     train.train_and_evaluate(config, str(full))
 
@@ -133,7 +120,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
         "get_algorithm",
         lambda name: dataclasses.replace(supervised, loss_from_outputs=poisoned),
     )
-    config = tiny_config("ucm10_supervised", cache_dir)
+    config = tiny_run_config("ucm10_supervised", cache_dir)
     with pytest.raises(train.NonFiniteLossError, match="between steps 5 and 6"):
         train.train_and_evaluate(config, str(tmp_path))
     checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), read_only=True)
@@ -201,7 +188,7 @@ def test_sigkill_after_first_checkpoint_then_rerun_matches_uninterrupted(tmp_pat
 
 
 def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path, cache_dir, monkeypatch):
-    config = tiny_config("ucm10_supervised", cache_dir, total_steps=4)
+    config = tiny_run_config("ucm10_supervised", cache_dir, total_steps=4)
     train.train_and_evaluate(config, str(tmp_path))
     split_before = (tmp_path / "split.json").read_text()
     load = train.data_lib.load_dataset
@@ -224,7 +211,7 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path, cache_d
 )
 def test_every_method_trains_on_real_ucm10(name, tmp_path, cache_dir):
     """Each method's smoke config runs in the real loop and logs its own loss terms."""
-    config = tiny_config(name, cache_dir, total_steps=4, steps_per_epoch=4, checkpoint_every=4)
+    config = tiny_run_config(name, cache_dir, total_steps=4, steps_per_epoch=4, checkpoint_every=4)
     train.train_and_evaluate(config, str(tmp_path))
     logged = records(tmp_path, "train")
     expected = {"loss", "loss_x", "loss_u", "mask_prob", "pseudo_acc"}
