@@ -53,6 +53,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profile",
+        default="",
+        help="after timing, write a jax.profiler trace of 3 more steps to this folder "
+        "(open it with xprof / TensorBoard's profile plugin)",
+    )
     return p.parse_args(argv)
 
 
@@ -153,6 +159,11 @@ def run(args) -> dict:
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t)
     wall = time.perf_counter() - wall0
+    if args.profile:
+        with jax.profiler.trace(args.profile):
+            for _ in range(3):
+                state, metrics = compiled(state, next_batch(), device_data)
+            jax.block_until_ready(metrics["loss"])
     images = train.images_per_step(config, algorithm)
     median = statistics.median(times)
     result = {

@@ -24,15 +24,18 @@ CASES = [
     (16, 7, 2, 3, 3, 4),
     (11, 7, 2, 3, 3, 2),
     (6, 3, 1, 0, 2, 2),
+    (3, 5, 1, 4, 2, 3),  # padding wider than the map: whole rows of taps see only padding
+    (4, 3, 3, 2, 2, 2),
 ]
 
-# Uniform plans (plain autodiff of one formulation) and three mixed ones that between them
+# Uniform plans (plain autodiff of one formulation) and four mixed ones that between them
 # put every formulation in every slot of the custom VJP.
 PLANS = [
     *layers.NAMED_PLANS.values(),
     layers.ConvPlan("lax", "patches", "dense"),
-    layers.ConvPlan("patches", "dense", "lax"),
-    layers.ConvPlan("dense", "lax", "patches"),
+    layers.ConvPlan("patches", "dense", "taps"),
+    layers.ConvPlan("dense", "taps", "patches"),
+    layers.ConvPlan("taps", "lax", "lax"),
 ]
 
 
@@ -82,7 +85,13 @@ def test_conv_matches_numpy_direct_sum():
         for j in range(out_w):
             window = xp[:, i * stride : i * stride + 3, j * stride : j * stride + 3, :]
             expected[:, i, j, :] = np.einsum("nhwc,hwco->no", window, np.asarray(w))
-    for impl in (layers.conv_lax, layers.conv_patches, layers.conv_dense, layers.conv_hybrid):
+    for impl in (
+        layers.conv_lax,
+        layers.conv_patches,
+        layers.conv_dense,
+        layers.conv_taps,
+        layers.conv_hybrid,
+    ):
         np.testing.assert_allclose(impl(x, w, (2, 2), (1, 1)), expected, rtol=1e-5, atol=1e-4)
 
 
@@ -142,11 +151,22 @@ def test_choose_conv_plan_rules():
     assert choose("patches", size=30) == plans["patches"]
     custom = layers.ConvPlan("dense", "patches", "lax")
     assert choose(custom) is custom
-    # Maps no larger than the 3x3 window (ResNet-18's layer4 at 60 px): dense, on both libraries.
-    assert choose(size=2) == plans["dense"] == choose(size=2, lib="eigen")
+    # Maps no larger than the 3x3 window (ResNet-18's layer4 at 60 px): dense on YNNPACK;
+    # on Eigen, per-tap matmuls forward and for the input gradient, dense kernel gradient.
+    assert choose(size=2) == plans["dense"]
     assert choose(size=1, batch=704) == plans["dense"]
+    taps_dense = layers.ConvPlan("taps", "taps", "dense")
+    assert choose(size=2, lib="eigen") == taps_dense == choose(size=2, batch=704, lib="eigen")
     # ...but a 1x1 conv on a 2x2 map is no window case.
     assert choose(kernel=1, size=2) != plans["dense"]
+    assert "taps" not in choose(kernel=1, size=2, lib="eigen")
+    # Eigen, 3x3 convs on 4x4 inputs (ResNet-18's layer3 and layer4 strided): taps at up to
+    # 256 images; at 704 only the strided conv's input gradient keeps them.
+    taps_lax = layers.ConvPlan("taps", "taps", "lax")
+    assert choose(size=4, batch=56, lib="eigen") == taps_lax
+    assert choose(size=4, batch=704, lib="eigen") == plans["lax"]
+    assert choose(stride=2, size=4, batch=224, lib="eigen") == taps_lax
+    assert choose(stride=2, size=4, batch=704, lib="eigen") == layers.ConvPlan("lax", "taps", "lax")
     # YNNPACK: im2col for 1x1 convs, strided 3x3 convs and 2x2 outputs...
     assert choose(kernel=1) == plans["patches"]
     assert choose(stride=2, size=8) == plans["patches"]
@@ -159,7 +179,6 @@ def test_choose_conv_plan_rules():
     assert choose(size=15, batch=704, lib="eigen") == plans["lax"]
     assert choose(stride=2, size=8, lib="eigen") == layers.ConvPlan("lax", "patches", "lax")
     assert choose(kernel=1, lib="eigen") == layers.ConvPlan("lax", "patches", "patches")
-    assert choose(stride=2, size=4, batch=56, lib="eigen").forward == "patches"
     # Large maps never build an im2col matrix (it would be 9x the activations).
     for lib in ("ynn", "eigen"):
         assert choose(size=32, batch=704, lib=lib) == plans["lax"]

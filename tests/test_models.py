@@ -232,10 +232,11 @@ def test_wrn_dead_batch_norm_quirk():
 
 
 def test_conv_implementations_agree_in_the_model(tiny_resnet18):
-    """A train-mode forward + backward through ResNet-18 is the same with lax and patches."""
+    """A train-mode forward + backward through ResNet-18 is the same whichever conv_impl."""
     _, variables, images = tiny_resnet18
     results = []
-    for impl in ("lax", "patches"):
+    impls = ("lax", "patches", "taps", "auto")
+    for impl in impls:
         model = get_model("resnet18", 4, 8, width=TINY_WIDTH, conv_impl=impl)
 
         def loss(params, model=model):
@@ -248,11 +249,14 @@ def test_conv_implementations_agree_in_the_model(tiny_resnet18):
             return jnp.sum(logits) + jnp.sum(z)
 
         results.append(jax.jit(jax.value_and_grad(loss))(variables["params"]))
-    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-4)
-    # Float32 summation order differs; a 4-image BatchNorm amplifies that, so compare each
-    # gradient leaf relative to its own scale.
-    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
-        assert float(jnp.max(jnp.abs(a - b))) <= 1e-3 * float(jnp.max(jnp.abs(b))) + 1e-6
+    reference = results[0]
+    for impl, result in zip(impls[1:], results[1:], strict=True):
+        np.testing.assert_allclose(result[0], reference[0], rtol=1e-4, err_msg=impl)
+        # Float32 summation order differs; a 4-image BatchNorm amplifies that, so compare
+        # each gradient leaf relative to its own scale.
+        leaves = zip(jax.tree.leaves(result[1]), jax.tree.leaves(reference[1]), strict=True)
+        for a, b in leaves:
+            assert float(jnp.max(jnp.abs(a - b))) <= 1e-3 * float(jnp.max(jnp.abs(b))) + 1e-6, impl
 
 
 def test_initialisation_statistics():

@@ -1,7 +1,7 @@
 """Convolution and max-pool layers that are fast on XLA:CPU and exact everywhere.
 
 A convolution's training cost is three computations: the forward pass, the input gradient
-and the kernel gradient. On XLA:CPU each can be computed three ways, and which is fastest
+and the kernel gradient. On XLA:CPU each can be computed four ways, and which is fastest
 depends on the layer and on the library XLA hands convolutions to:
 
 * ``lax``: `lax.conv_general_dilated` and its autodiff transposes;
@@ -9,7 +9,10 @@ depends on the layer and on the library XLA hands convolutions to:
 * ``dense``: for maps no larger than the kernel window (ResNet-18's 2x2 layer4 at 60 px),
   one matmul per output pixel against the kernel window it sees: a 3x3 conv on a 2x2 map
   touches 4 of its 9 taps per pixel, so this does 4/9 of im2col's multiply-adds and needs no
-  patch copies.
+  patch copies;
+* ``taps``: one matmul per kernel tap (shift and add) with the kernel used in place, the
+  taps that see only padding skipped: the same multiply-adds as ``dense`` on a 2x2 map, and
+  fast on 4x4 maps too, where lax's small-map overhead shows.
 
 `ConvPlan` names a choice for each of the three; `conv` runs a plan (a `jax.custom_vjp` when
 the parts differ). `choose_conv_plan` picks one per layer at trace time from forward +
@@ -40,7 +43,7 @@ from jax import lax
 Array = jax.Array
 Dtype = Any
 
-PART_IMPLS = ("lax", "patches", "dense")
+PART_IMPLS = ("lax", "patches", "dense", "taps")
 
 
 class ConvPlan(NamedTuple):
@@ -57,6 +60,7 @@ NAMED_PLANS = {
     # lax forward and input gradient, im2col matmul for the kernel gradient.
     "hybrid": ConvPlan("lax", "lax", "patches"),
     "dense": ConvPlan("dense", "dense", "dense"),
+    "taps": ConvPlan("taps", "taps", "taps"),
 }
 CONV_IMPLS = ("auto", *NAMED_PLANS)
 
@@ -67,6 +71,11 @@ he_fan_out_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # Beyond this output map (e.g. WRN's 32x32 or 224 px inputs) "auto" uses no im2col: the
 # im2col matrix would grow to gigabytes at 704 images.
 IM2COL_MAX_OUTPUT_PIXELS = 16 * 16
+# With Eigen, "taps" beats lax for the forward pass and input gradient of 3x3 convs on maps
+# of at most 4x4 (ResNet-18's layer3 and layer4 at 60 px) at 56 and 224 images, not at 704
+# (there only the strided conv's input gradient still gains).
+TAPS_MAX_INPUT_PIXELS = 16
+TAPS_MAX_BATCH = 256
 # With YNNPACK, stride-1 kernel gradients with at least this many output rows (batch x
 # pixels) are 2x faster as im2col matmuls (ResNet-18 layer1 at 704 images).
 YNN_PATCHES_KERNEL_GRAD_MIN_ROWS = 65_536
@@ -176,10 +185,53 @@ def conv_dense(
     return jnp.stack(pixels, axis=1).reshape(n, out_h, out_w, cout)
 
 
+def _tap_range(size: int, out_size: int, tap: int, stride: int, padding: int) -> tuple[int, int]:
+    """Output positions [lo, hi) whose input position ``o * stride + tap - padding`` is inside."""
+    lo = max(0, -((tap - padding) // stride))
+    hi = min(out_size, (size - 1 - tap + padding) // stride + 1)
+    return lo, hi
+
+
+def conv_taps(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[int, int]) -> Array:
+    """The same convolution as `conv_lax`, as one matmul per kernel tap (shift and add).
+
+    Tap (a, b) multiplies the input pixels it sees, a strided slice of the unpadded map, by
+    ``kernel[a, b]`` in place (no kernel or patch copies), and adds the result into the
+    output pixels it feeds. Taps that land only on padding are skipped, so on small maps
+    (ResNet-18's 4x4 and 2x2 layers at 60 px) it does only the multiply-adds that touch
+    real pixels; its transposes are again one matmul per tap.
+    """
+    n, height, width, cin = x.shape
+    kh, kw, _, cout = kernel.shape
+    (sh, sw), (ph, pw) = strides, padding
+    out_h = conv_output_size(height, kh, sh, ph)
+    out_w = conv_output_size(width, kw, sw, pw)
+    y = None
+    for a in range(kh):
+        i0, i1 = _tap_range(height, out_h, a, sh, ph)
+        if i1 <= i0:
+            continue
+        for b in range(kw):
+            j0, j1 = _tap_range(width, out_w, b, sw, pw)
+            if j1 <= j0:
+                continue
+            start = (0, i0 * sh + a - ph, j0 * sw + b - pw, 0)
+            stop = (n, (i1 - 1) * sh + a - ph + 1, (j1 - 1) * sw + b - pw + 1, cin)
+            seen = lax.slice(x, start, stop, (1, sh, sw, 1))
+            part = lax.dot_general(seen, kernel[a, b], (((3,), (0,)), ((), ())))
+            if (i0, i1, j0, j1) != (0, out_h, 0, out_w):
+                part = jnp.pad(part, ((0, 0), (i0, out_h - i1), (j0, out_w - j1), (0, 0)))
+            y = part if y is None else y + part
+    if y is None:  # every tap on padding: the output is all zeros
+        y = jnp.zeros((n, out_h, out_w, cout), jnp.result_type(x, kernel))
+    return y
+
+
 _FORMULATIONS: dict[str, Callable[..., Array]] = {
     "lax": conv_lax,
     "patches": conv_patches,
     "dense": conv_dense,
+    "taps": conv_taps,
 }
 
 
@@ -295,11 +347,13 @@ def choose_conv_plan(
     backend it follows per-part measurements of every ResNet-18 convolution at 56-64 and 704
     images (benchmarks/conv_cpu.py --layers; ``library``: see `xla_cpu_conv_library`):
 
-    * maps no larger than the kernel (2x2 under 3x3): ``dense`` throughout;
+    * maps no larger than the kernel (2x2 under 3x3): ``dense`` throughout (YNNPACK);
     * 1x1 and strided convs (up to `IM2COL_MAX_OUTPUT_PIXELS`): im2col input gradients
       (XLA's is a dilated convolution that crawls on small maps) and, for 1x1, kernel
       gradients;
-    * Eigen: lax for everything else except forward passes on 2x2 outputs at small batch;
+    * Eigen: ``taps`` on maps no larger than the kernel (kernel gradient ``dense``), and
+      for forward passes and input gradients on inputs of at most 4x4 at up to 256 images
+      (strided input gradients at any batch); lax for everything else;
     * YNNPACK: im2col wherever its convolutions are single-threaded or slow (2x2 outputs,
       strided 3x3, kernel gradients of large stride-1 layers).
     """
@@ -316,14 +370,20 @@ def choose_conv_plan(
     batch, out_h, out_w = output_shape
     kh, kw = kernel_size
     in_pixels, out_pixels = input_hw[0] * input_hw[1], out_h * out_w
-    if kh * kw > 1 and in_pixels <= kh * kw:
+    window = kh * kw > 1 and in_pixels <= kh * kw
+    if window and library == "eigen":
+        return ConvPlan("taps", "taps", "dense")
+    if window:
         return NAMED_PLANS["dense"]
     if out_pixels > IM2COL_MAX_OUTPUT_PIXELS:
         return NAMED_PLANS["lax"]
     pointwise, strided = (kh, kw) == (1, 1), strides != (1, 1)
     if library == "eigen":
-        forward = "patches" if out_pixels <= 4 and batch * out_pixels <= 1024 else "lax"
+        small_input = not pointwise and in_pixels <= TAPS_MAX_INPUT_PIXELS
+        forward = "taps" if small_input and batch <= TAPS_MAX_BATCH else "lax"
         input_grad = "patches" if pointwise or strided else "lax"
+        if small_input and (strided or batch <= TAPS_MAX_BATCH):
+            input_grad = "taps"
         kernel_grad = "patches" if pointwise else "lax"
         return ConvPlan(forward, input_grad, kernel_grad)
     if pointwise or out_pixels <= 4 or (strided and max(kh, kw) <= 3):

@@ -88,7 +88,7 @@ class ResNet(nn.Module):
       low_dim: projection dimension D; 0 or None for no projection head.
       width: multiplies every channel count, the projection hidden width included.
       dtype: computation dtype; parameters and BN statistics stay float32.
-      conv_impl: "auto" | "lax" | "patches" (see `layers.choose_conv_impl`).
+      conv_impl: "auto" or a `layers.NAMED_PLANS` key (see `layers.choose_conv_plan`).
     """
 
     stage_sizes: Sequence[int]

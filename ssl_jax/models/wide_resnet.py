@@ -66,7 +66,7 @@ class WideResNet(nn.Module):
       widen_factor: 2 gives channels [16, 32, 64, 128].
       width: multiplies every channel count (a test-size knob, 1.0 for the paper model).
       dtype: computation dtype; parameters and BN statistics stay float32.
-      conv_impl: "auto" | "lax" | "patches" (see `layers.choose_conv_impl`).
+      conv_impl: "auto" or a `layers.NAMED_PLANS` key (see `layers.choose_conv_plan`).
     """
 
     num_classes: int
