@@ -167,6 +167,9 @@ def test_choose_conv_plan_rules():
     assert choose(size=4, batch=704, lib="eigen") == plans["lax"]
     assert choose(stride=2, size=4, batch=224, lib="eigen") == taps_lax
     assert choose(stride=2, size=4, batch=704, lib="eigen") == layers.ConvPlan("lax", "taps", "lax")
+    # Strided input gradients keep taps up to 8x8 inputs (layer3's first conv), not at 15x15.
+    assert choose(stride=2, size=8, batch=704, lib="eigen").input_grad == "taps"
+    assert choose(stride=2, size=15, batch=56, lib="eigen").input_grad == "patches"
     # YNNPACK: im2col for 1x1 convs, strided 3x3 convs and 2x2 outputs...
     assert choose(kernel=1) == plans["patches"]
     assert choose(stride=2, size=8) == plans["patches"]
@@ -177,7 +180,7 @@ def test_choose_conv_plan_rules():
     assert choose(size=15, batch=704) == plans["hybrid"]
     # Eigen: lax forward on larger maps, im2col input gradients for strided and 1x1 convs.
     assert choose(size=15, batch=704, lib="eigen") == plans["lax"]
-    assert choose(stride=2, size=8, lib="eigen") == layers.ConvPlan("lax", "patches", "lax")
+    assert choose(stride=2, size=16, lib="eigen") == layers.ConvPlan("lax", "patches", "lax")
     assert choose(kernel=1, lib="eigen") == layers.ConvPlan("lax", "patches", "patches")
     # Large maps never build an im2col matrix (it would be 9x the activations).
     for lib in ("ynn", "eigen"):

@@ -73,9 +73,10 @@ he_fan_out_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 IM2COL_MAX_OUTPUT_PIXELS = 16 * 16
 # With Eigen, "taps" beats lax for the forward pass and input gradient of 3x3 convs on maps
 # of at most 4x4 (ResNet-18's layer3 and layer4 at 60 px) at 56 and 224 images, not at 704
-# (there only the strided conv's input gradient still gains).
+# (there only the strided convs' input gradients still gain, on inputs up to 8x8).
 TAPS_MAX_INPUT_PIXELS = 16
 TAPS_MAX_BATCH = 256
+TAPS_MAX_STRIDED_INPUT_PIXELS = 64
 # With YNNPACK, stride-1 kernel gradients with at least this many output rows (batch x
 # pixels) are 2x faster as im2col matmuls (ResNet-18 layer1 at 704 images).
 YNN_PATCHES_KERNEL_GRAD_MIN_ROWS = 65_536
@@ -353,7 +354,7 @@ def choose_conv_plan(
       gradients;
     * Eigen: ``taps`` on maps no larger than the kernel (kernel gradient ``dense``), and
       for forward passes and input gradients on inputs of at most 4x4 at up to 256 images
-      (strided input gradients at any batch); lax for everything else;
+      (strided convs' input gradients on inputs up to 8x8 at any batch); lax for the rest;
     * YNNPACK: im2col wherever its convolutions are single-threaded or slow (2x2 outputs,
       strided 3x3, kernel gradients of large stride-1 layers).
     """
@@ -382,7 +383,9 @@ def choose_conv_plan(
         small_input = not pointwise and in_pixels <= TAPS_MAX_INPUT_PIXELS
         forward = "taps" if small_input and batch <= TAPS_MAX_BATCH else "lax"
         input_grad = "patches" if pointwise or strided else "lax"
-        if small_input and (strided or batch <= TAPS_MAX_BATCH):
+        if small_input and batch <= TAPS_MAX_BATCH:
+            input_grad = "taps"
+        if strided and not pointwise and in_pixels <= TAPS_MAX_STRIDED_INPUT_PIXELS:
             input_grad = "taps"
         kernel_grad = "patches" if pointwise else "lax"
         return ConvPlan(forward, input_grad, kernel_grad)
