@@ -71,3 +71,32 @@ def test_sweep_table_reports_failures_instead_of_dropping_them():
     assert "error" in row and row["algorithm"] == "no_such_algorithm"
     table = sweep.markdown([row])
     assert "no_such_algorithm" in table and "failed:" in table
+
+
+def test_step_breakdown_times_every_variant():
+    command = [
+        sys.executable,
+        "benchmarks/step_breakdown.py",
+        "--width=0.125",
+        "--batch=4",
+        "--mu=1",
+        "--steps=2",
+        "--warmup=1",
+    ]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    medians = result["ms_median"]
+    assert list(medians) == ["full", "no_ema", "no_norms", "plain_sgd", "network_only"]
+    assert all(value > 0 for value in medians.values())
+    pieces = result["ms_pieces"]
+    assert pieces["network_and_sgd"] == medians["network_only"]
+    # The pieces add back up to the full step.
+    assert abs(sum(pieces.values()) - medians["full"]) < 0.5
+    assert (result["algorithm"], result["batch"], result["mu"]) == ("comatch_triplet", 4, 1)
+    # Each variant really left its piece out (and kept the ones after it).
+    checks = result["checks"]
+    assert checks["full"]["ema_moved"] and not checks["no_ema"]["ema_moved"]
+    assert checks["no_ema"]["grad_norm"] > 0 and checks["no_norms"]["grad_norm"] == 0
+    assert "loss_x" in checks["plain_sgd"]["loss_keys"]
+    assert checks["network_only"]["loss_keys"] == []

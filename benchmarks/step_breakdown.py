@@ -1,0 +1,165 @@
+"""Where a training step's time goes: the full step against steps with one piece less each.
+
+    python benchmarks/step_breakdown.py --batch 8 --mu 2          # ResNet-18 CoMatch+Triplet
+    python benchmarks/step_breakdown.py --batch 32 --mu 7 --steps 5
+
+Each variant is the real jitted train step (`train.make_train_step`) compiled with one more
+piece taken out than the one before: ``full``; ``no_ema`` (the EMA update skipped);
+``no_norms`` (also the logged gradient and parameter norms); ``plain_sgd`` (also momentum,
+Nesterov and weight decay: SGD with a constant step); ``network_only`` (also the algorithm's
+losses, memory bank and distribution alignment: the loss is ``sum(logits) + sum(feats)``).
+The difference between neighbours is that piece's cost. Variants are timed interleaved,
+one step each per round, on one fixed synthetic batch (`--augment none` of
+step_throughput.py). The last line of output is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import step_throughput  # noqa: E402  (benchmarks/step_throughput.py, beside this script)
+
+from ssl_jax import optim, train, xla_cpu  # noqa: E402
+from ssl_jax.algorithms import get_algorithm  # noqa: E402
+from ssl_jax.data.synthetic import synthetic_dataset  # noqa: E402
+
+VARIANTS = ("full", "no_ema", "no_norms", "plain_sgd", "network_only")
+
+
+def network_only_loss(*, logits, feats, state, **_):
+    loss = jnp.sum(logits) + (0.0 if feats is None else jnp.sum(feats))
+    return loss, (state, {})
+
+
+def compile_variant(variant, config, model, algorithm, tx, state, batch):
+    """The train step without the pieces `variant` and the variants before it drop."""
+    level = VARIANTS.index(variant)
+    patches = contextlib.ExitStack()
+    with patches:
+        if level >= 1:
+            patches.enter_context(mock.patch.object(optim, "ema_update", lambda e, p, d: e))
+        if level >= 2:
+            patches.enter_context(
+                mock.patch.object(train.optax, "global_norm", lambda tree: jnp.zeros(()))
+            )
+        if level >= 3:
+            tx = optax.sgd(0.01)
+            state = state.replace(opt_state=tx.init(state.params))
+        if level >= 4:
+            algorithm = dataclasses.replace(algorithm, loss_from_outputs=network_only_loss)
+        step = train.make_train_step(config, model, algorithm, tx)
+        return step.lower(state, batch, None).compile(), state
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--algorithm", default="comatch_triplet")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--mu", type=int, default=2)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args(argv)
+    xla_cpu.prefer_eigen_convolutions()
+    throughput_args = step_throughput.parse_args(
+        [
+            f"--algorithm={args.algorithm}",
+            f"--model={args.model}",
+            f"--width={args.width}",
+            f"--batch={args.batch}",
+            f"--mu={args.mu}",
+            f"--classes={args.classes}",
+            f"--steps={args.steps}",
+            f"--warmup={args.warmup}",
+        ]
+    )
+    config = step_throughput.make_config(throughput_args)
+    algorithm = get_algorithm(args.algorithm)
+    data = synthetic_dataset(
+        num_classes=args.classes,
+        num_unlabelled=max(256, 8 * args.mu * args.batch),
+        num_labelled=max(4 * args.classes, args.batch),
+        seed=0,
+    )
+    model = train.build_model(config, args.classes, algorithm)
+    abstract = train._abstract_params(model, config)
+    tx = optim.make_optimizer(config.optim, config.train.total_steps, abstract)
+    state0 = train.create_train_state(config, model, algorithm, tx, args.classes)
+    batch = jax.device_put(
+        dict(step_throughput.fixed_host_batch(data, config, algorithm.unlabelled_views))
+    )
+    steps, states, checks = {}, {}, {}
+    for variant in VARIANTS:
+        fresh = jax.tree.map(jnp.copy, state0)
+        steps[variant], states[variant] = compile_variant(
+            variant, config, model, algorithm, tx, fresh, batch
+        )
+        for _ in range(max(1, args.warmup)):
+            states[variant], metrics = steps[variant](states[variant], batch, None)
+        jax.block_until_ready(states[variant].params)
+        # What each variant really dropped, read off its state and metrics after warm-up.
+        checks[variant] = {
+            "ema_moved": not all(
+                bool(jnp.array_equal(a, b))
+                for a, b in zip(
+                    jax.tree.leaves(states[variant].ema_params),
+                    jax.tree.leaves(state0.ema_params),
+                    strict=True,
+                )
+            ),
+            "grad_norm": float(metrics["grad_norm"]),
+            "loss_keys": sorted(k for k in metrics if k.startswith("loss")),
+        }
+    times = {variant: [] for variant in VARIANTS}
+    for _ in range(args.steps):
+        for variant in VARIANTS:
+            start = time.perf_counter()
+            states[variant], _ = steps[variant](states[variant], batch, None)
+            jax.block_until_ready(states[variant].params)
+            times[variant].append(1e3 * (time.perf_counter() - start))
+    medians = {variant: round(statistics.median(times[variant]), 1) for variant in VARIANTS}
+    pieces = {
+        "ema": medians["full"] - medians["no_ema"],
+        "norms": medians["no_ema"] - medians["no_norms"],
+        "optimizer": medians["no_norms"] - medians["plain_sgd"],
+        "losses": medians["plain_sgd"] - medians["network_only"],
+        "network_and_sgd": medians["network_only"],
+    }
+    for variant in VARIANTS:
+        print(f"{variant:>13}: {medians[variant]:8.1f} ms/step (median of {args.steps})")
+    result = {
+        "benchmark": "step_breakdown",
+        "algorithm": args.algorithm,
+        "model": args.model,
+        "width": args.width,
+        "batch": args.batch,
+        "mu": args.mu,
+        "steps": args.steps,
+        "ms_median": medians,
+        "ms_pieces": {name: round(value, 1) for name, value in pieces.items()},
+        "checks": checks,
+        "date": time.strftime("%Y-%m-%d"),
+        **step_throughput.device_info(),
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
