@@ -345,8 +345,9 @@ def choose_conv_plan(
     """Resolves ``impl`` ("auto", a `NAMED_PLANS` key or a `ConvPlan`) to one layer's plan.
 
     ``output_shape`` is (batch, out_h, out_w). "auto" keeps lax on GPU/TPU. On the CPU
-    backend it follows per-part measurements of every ResNet-18 convolution at 56-64 and 704
-    images (benchmarks/conv_cpu.py --layers; ``library``: see `xla_cpu_conv_library`):
+    backend it follows per-part measurements of every ResNet-18 convolution at 56-64, 224
+    and 704 images (benchmarks/conv_cpu.py --layers; ``library``: see
+    `xla_cpu_conv_library`):
 
     * maps no larger than the kernel (2x2 under 3x3): ``dense`` throughout (YNNPACK);
     * 1x1 and strided convs (up to `IM2COL_MAX_OUTPUT_PIXELS`): im2col input gradients
