@@ -10,12 +10,12 @@ Nesterov and weight decay: SGD with a constant step); ``network_only`` (also the
 losses, memory bank and distribution alignment: the loss is ``sum(logits) + sum(feats)``).
 The difference between neighbours is that piece's cost. Variants are timed interleaved,
 one step each per round, on one fixed synthetic batch (`--augment none` of
-step_throughput.py). The last line of output is one JSON object.
+step_throughput.py, whose other options it takes). The last line of output is one JSON
+object.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -34,8 +34,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_throughput  # noqa: E402  (benchmarks/step_throughput.py, beside this script)
 
 from ssl_jax import optim, train, xla_cpu  # noqa: E402
-from ssl_jax.algorithms import get_algorithm  # noqa: E402
-from ssl_jax.data.synthetic import synthetic_dataset  # noqa: E402
 
 VARIANTS = ("full", "no_ema", "no_norms", "plain_sgd", "network_only")
 
@@ -66,41 +64,13 @@ def compile_variant(variant, config, model, algorithm, tx, state, batch):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--algorithm", default="comatch_triplet")
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--mu", type=int, default=2)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=2)
-    args = p.parse_args(argv)
+    parser = step_throughput.build_parser(__doc__.split("\n")[0])
+    parser.set_defaults(batch=8, mu=2, steps=15, warmup=2)
+    args = parser.parse_args(argv)
+    if args.augment != "none" or args.profile:
+        parser.error("step_breakdown.py times one fixed batch: no --augment, no --profile")
     xla_cpu.prefer_eigen_convolutions()
-    throughput_args = step_throughput.parse_args(
-        [
-            f"--algorithm={args.algorithm}",
-            f"--model={args.model}",
-            f"--width={args.width}",
-            f"--batch={args.batch}",
-            f"--mu={args.mu}",
-            f"--classes={args.classes}",
-            f"--steps={args.steps}",
-            f"--warmup={args.warmup}",
-        ]
-    )
-    config = step_throughput.make_config(throughput_args)
-    algorithm = get_algorithm(args.algorithm)
-    data = synthetic_dataset(
-        num_classes=args.classes,
-        num_unlabelled=max(256, 8 * args.mu * args.batch),
-        num_labelled=max(4 * args.classes, args.batch),
-        seed=0,
-    )
-    model = train.build_model(config, args.classes, algorithm)
-    abstract = train._abstract_params(model, config)
-    tx = optim.make_optimizer(config.optim, config.train.total_steps, abstract)
-    state0 = train.create_train_state(config, model, algorithm, tx, args.classes)
+    config, algorithm, data, model, tx, state0 = step_throughput.setup(args)
     batch = jax.device_put(
         dict(step_throughput.fixed_host_batch(data, config, algorithm.unlabelled_views))
     )
@@ -150,6 +120,7 @@ def main(argv=None):
         "width": args.width,
         "batch": args.batch,
         "mu": args.mu,
+        "precision": args.precision,
         "steps": args.steps,
         "ms_median": medians,
         "ms_pieces": {name: round(value, 1) for name, value in pieces.items()},

@@ -38,8 +38,9 @@ from ssl_jax.data.synthetic import synthetic_dataset  # noqa: E402
 from ssl_jax.models import layers  # noqa: E402
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.ArgumentParser:
+    """The options of this benchmark (step_breakdown.py reuses them with its own defaults)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--algorithm", default="comatch_triplet")
     p.add_argument("--model", default="resnet18")
     p.add_argument("--width", type=float, default=1.0)
@@ -59,7 +60,11 @@ def parse_args(argv=None):
         help="after timing, write a jax.profiler trace of 3 more steps to this folder "
         "(open it with xprof / TensorBoard's profile plugin)",
     )
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def make_config(args):
@@ -109,8 +114,8 @@ def peak_memory():
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def run(args) -> dict:
-    jax.config.update("jax_compilation_cache_dir", None)  # time real compiles
+def setup(args):
+    """(config, algorithm, data, model, tx, state) for the options in `args`."""
     config = make_config(args)
     algorithm = get_algorithm(args.algorithm)
     data = synthetic_dataset(
@@ -124,6 +129,12 @@ def run(args) -> dict:
         config.optim, config.train.total_steps, train._abstract_params(model, config)
     )
     state = train.create_train_state(config, model, algorithm, tx, args.classes)
+    return config, algorithm, data, model, tx, state
+
+
+def run(args) -> dict:
+    jax.config.update("jax_compilation_cache_dir", None)  # time real compiles
+    config, algorithm, data, model, tx, state = setup(args)
     mesh = train.make_mesh()
     state = train.replicate(state, mesh)
     views = algorithm.unlabelled_views

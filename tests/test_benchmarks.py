@@ -28,9 +28,17 @@ WITHOUT_TFDS = (
 )
 
 
+def run_json(*command: str) -> dict:
+    """Runs a benchmark in a fresh Python from the repository root; its last line, parsed."""
+    proc = subprocess.run(
+        [sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_step_throughput_runs_without_tfds_and_reports_json(tmp_path):
-    command = [
-        sys.executable,
+    result = run_json(
         "-c",
         WITHOUT_TFDS,
         "--algorithm=comatch_triplet",
@@ -42,10 +50,7 @@ def test_step_throughput_runs_without_tfds_and_reports_json(tmp_path):
         "--steps=3",
         "--warmup=1",
         "--augment=device",
-    ]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    )
     assert REQUIRED_KEYS <= result.keys()
     assert (result["algorithm"], result["model"], result["batch"], result["mu"]) == (
         "comatch_triplet",
@@ -74,18 +79,14 @@ def test_sweep_table_reports_failures_instead_of_dropping_them():
 
 
 def test_step_breakdown_times_every_variant():
-    command = [
-        sys.executable,
+    result = run_json(
         "benchmarks/step_breakdown.py",
         "--width=0.125",
         "--batch=4",
         "--mu=1",
         "--steps=2",
         "--warmup=1",
-    ]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    )
     medians = result["ms_median"]
     assert list(medians) == ["full", "no_ema", "no_norms", "plain_sgd", "network_only"]
     assert all(value > 0 for value in medians.values())

@@ -384,9 +384,8 @@ def choose_conv_plan(
         small_input = not pointwise and in_pixels <= TAPS_MAX_INPUT_PIXELS
         forward = "taps" if small_input and batch <= TAPS_MAX_BATCH else "lax"
         input_grad = "patches" if pointwise or strided else "lax"
-        if small_input and batch <= TAPS_MAX_BATCH:
-            input_grad = "taps"
-        if strided and not pointwise and in_pixels <= TAPS_MAX_STRIDED_INPUT_PIXELS:
+        small_strided = strided and not pointwise and in_pixels <= TAPS_MAX_STRIDED_INPUT_PIXELS
+        if forward == "taps" or small_strided:
             input_grad = "taps"
         kernel_grad = "patches" if pointwise else "lax"
         return ConvPlan(forward, input_grad, kernel_grad)
