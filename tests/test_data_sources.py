@@ -142,7 +142,8 @@ def test_class_subset_order(shared_data):
 
 def test_lf_and_crlf_lists_agree(shared_data, tmp_path):
     for part in ("train", "test"):
-        text = open(os.path.join(SPLITS_DIR, f"UCM_{part}.txt"), "rb").read().decode()
+        with open(os.path.join(SPLITS_DIR, f"UCM_{part}.txt"), "rb") as handle:
+            text = handle.read().decode()
         assert "\r\n" in text and not text.endswith("\n")
         (tmp_path / f"lf_{part}.txt").write_text(text.replace("\r\n", "\n") + "\n", newline="")
     crlf = load_dataset(make_config(shared_data / "ucm"), workdir=None)

@@ -282,6 +282,7 @@ def test_predict_matches_evaluation_on_test_images(trained, shared_data, tmp_pat
         assert float(row["confidence"]) == pytest.approx(expected.max(), abs=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:Truncated File Read")  # PIL warns before it raises
 def test_predict_lists_every_unreadable_image(trained, shared_data, tmp_path):
     workdir, config, _ = trained
     folder = tmp_path / "mixed"
@@ -314,7 +315,8 @@ def test_tsne_perplexity_is_clipped_for_tiny_sets(tmp_path):
     rng = np.random.default_rng(0)
     points, labels = rng.normal(size=(8, 64)), np.arange(8) % 2
     assert figures.plot_tsne(points, labels, ["a", "b"], str(tmp_path / "t.png"), perplexity=30)
-    _ = Image.open(tmp_path / "t.png").size
+    with Image.open(tmp_path / "t.png") as image:
+        assert image.size[0] > 0
     assert (
         figures.plot_tsne(
             points[:4], labels[:4], ["a", "b"], str(tmp_path / "u.png"), perplexity=30
