@@ -9,7 +9,9 @@ beside them in `<workdir>/config.json`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 
 import grain
@@ -32,6 +34,24 @@ RESUMABLE_CHANGES = (
     "augment.where",
     "train.keep_checkpoints",
 )
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    """Drops orbax's "Given directory is read only" warning, which every evaluation would print."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice():
+    absl_logger = logging.getLogger("absl")
+    notice_filter = _DropReadOnlyNotice()
+    absl_logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(notice_filter)
 
 
 class CheckpointError(RuntimeError):
@@ -106,9 +126,12 @@ class Checkpointer:
             best_mode="max",
             create=not read_only,
             read_only=read_only,
+            # Read-only managers save nothing; saying so up front keeps orbax from warning.
+            save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        with _quiet_read_only_notice():
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     # ----------------------------------------------------------------------------- train
 

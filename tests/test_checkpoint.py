@@ -35,3 +35,17 @@ def test_no_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(checkpoint_lib.CheckpointError, match="No checkpoint"):
         reader.select_step("latest")
     reader.close()
+
+
+def test_reading_a_run_logs_no_orbax_warnings(tmp_path, caplog):
+    """Evaluation and reports open runs read-only; orbax's notices about that are noise."""
+    manager = checkpoint_lib.Checkpointer(str(tmp_path), _config(keep=1))
+    manager.save(1, {"w": jnp.ones((2,))}, None, {"step": 1}, ema_top1=10.0)
+    manager.close()
+    with caplog.at_level("WARNING"):
+        reader = checkpoint_lib.Checkpointer(str(tmp_path), read_only=True)
+        assert reader.select_step("latest") == 1
+        reader.close()
+    assert [record.getMessage() for record in caplog.records if record.levelname == "WARNING"] == []
+    # Only that notice is dropped, and only while the manager is built.
+    assert not checkpoint_lib.logging.getLogger("absl").filters
