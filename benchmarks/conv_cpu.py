@@ -191,8 +191,6 @@ def part_functions(kernel_size, strides, padding, x, kernel, grad_out) -> dict:
             continue  # its cost grows with the map squared; never a candidate there
         if impl == "taps" and kernel_size[0] * kernel_size[1] > 9:
             continue  # the 7x7 stem: 49 matmuls over 3 channels, 10-20x slower than lax
-        if impl == "taps" and kernel_size[0] * kernel_size[1] > 9:
-            continue  # the 7x7 stem: 49 matmuls over 3 channels, 10-20x slower than lax
         functions["forward", impl] = jax.jit(
             lambda x, w, g, impl=impl: layers.conv(x, w, strides, padding, impl)
         )

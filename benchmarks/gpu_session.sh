@@ -63,7 +63,8 @@ done
 run_dir=/tmp/ssl_jax_gpu_run
 rm -rf "$run_dir"
 run_seconds=$(( $(seconds_left) - 30 ))  # 30 s for the summary below
-if [ "$run_seconds" -gt "${RUN_SECONDS:-300}" ]; then run_seconds="${RUN_SECONDS:-300}"; fi
+max_run_seconds="${RUN_SECONDS:-300}"
+if [ "$run_seconds" -gt "$max_run_seconds" ]; then run_seconds="$max_run_seconds"; fi
 if [ "$run_seconds" -lt 60 ]; then
     echo "real-data run skipped: ${run_seconds} s left" | tee -a "$OUT/summary.txt"
     exit 0

@@ -9,7 +9,6 @@ beside them in `<workdir>/config.json`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -36,22 +35,9 @@ RESUMABLE_CHANGES = (
 )
 
 
-class _DropReadOnlyNotice(logging.Filter):
-    """Drops orbax's "Given directory is read only" warning, which every evaluation would print."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Given directory is read only")
-
-
-@contextlib.contextmanager
-def _quiet_read_only_notice():
-    absl_logger = logging.getLogger("absl")
-    notice_filter = _DropReadOnlyNotice()
-    absl_logger.addFilter(notice_filter)
-    try:
-        yield
-    finally:
-        absl_logger.removeFilter(notice_filter)
+def _not_read_only_notice(record: logging.LogRecord) -> bool:
+    """False for orbax's "Given directory is read only" warning, printed by every evaluation."""
+    return not str(record.msg).startswith("Given directory is read only")
 
 
 class CheckpointError(RuntimeError):
@@ -130,8 +116,12 @@ class Checkpointer:
             save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=True,
         )
-        with _quiet_read_only_notice():
+        absl_logger = logging.getLogger("absl")
+        absl_logger.addFilter(_not_read_only_notice)
+        try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl_logger.removeFilter(_not_read_only_notice)
 
     # ----------------------------------------------------------------------------- train
 
