@@ -19,8 +19,9 @@ retried: a 2-thread program's wall time otherwise measures its neighbours.
 
 `--layers` times each of the three computations of every distinct ResNet-18 convolution (at
 60 px) -- forward, input gradient, kernel gradient -- for each formulation in
-`layers.PART_IMPLS`, in isolation, and prints the plan "auto" picks beside the fastest
-combination; then the stem max-pool. This is the data behind `layers.choose_conv_plan`.
+`cpu_conv.PART_IMPLS` (ssl_jax/models/cpu_conv.py), in isolation, and prints the plan "auto"
+picks beside the fastest combination; then the stem max-pool. This is the data behind
+`cpu_conv.choose_conv_plan`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import cpu_load  # noqa: E402  (benchmarks/cpu_load.py, beside this script)
 
 from ssl_jax import xla_cpu  # noqa: E402
-from ssl_jax.models import get_model, layers  # noqa: E402
+from ssl_jax.models import cpu_conv, get_model, layers  # noqa: E402
 
 # (name, input size, kernel, stride, padding, cin, cout): ResNet-18's convolutions at 60 px.
 RESNET18_CONVS = [
@@ -133,7 +134,7 @@ def benchmark_model(
         images = jax.random.uniform(jax.random.PRNGKey(0), (batch, image_size, image_size, 3))
         compiled, args, compile_s = {}, {}, {}
         for impl in impls:
-            model = get_model("resnet18", 10, 64, width=1.0, conv_impl=impl)
+            model = get_model("resnet18", 10, 64, width=1.0, conv_impl=impl, platform="cpu")
             variables = jax.jit(
                 lambda x, model=model: model.init(jax.random.PRNGKey(1), x, train=False)
             )(images[:1])
@@ -162,7 +163,7 @@ def benchmark_model(
                         "images": batch,
                         "image_size": image_size,
                         "conv_impl": impl,
-                        "conv_library": layers.xla_cpu_conv_library(),
+                        "conv_library": cpu_conv.xla_cpu_conv_library(),
                         "compile_s": round(compile_s[impl], 2),
                         "repeats": repeats,
                         "wall": summary(times[impl]["wall"]),
@@ -186,19 +187,21 @@ def part_functions(kernel_size, strides, padding, x, kernel, grad_out) -> dict:
     kernel_like = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
     in_pixels = x.shape[1] * x.shape[2]
     functions = {}
-    for impl in layers.PART_IMPLS:
+    for impl in cpu_conv.PART_IMPLS:
         if impl == "dense" and in_pixels > 2 * kernel_size[0] * kernel_size[1]:
             continue  # its cost grows with the map squared; never a candidate there
         if impl == "taps" and kernel_size[0] * kernel_size[1] > 9:
             continue  # the 7x7 stem: 49 matmuls over 3 channels, 10-20x slower than lax
         functions["forward", impl] = jax.jit(
-            lambda x, w, g, impl=impl: layers.conv(x, w, strides, padding, impl)
+            lambda x, w, g, impl=impl: cpu_conv.conv(x, w, strides, padding, impl)
         )
         functions["input_grad", impl] = jax.jit(
-            lambda x, w, g, impl=impl: layers._input_grad(impl, g, x_like, w, strides, padding)
+            lambda x, w, g, impl=impl: cpu_conv.conv_input_grad(
+                impl, g, x_like, w, strides, padding
+            )
         )
         functions["kernel_grad", impl] = jax.jit(
-            lambda x, w, g, impl=impl: layers._kernel_grad(
+            lambda x, w, g, impl=impl: cpu_conv.conv_kernel_grad(
                 impl, g, x, kernel_like, strides, padding
             )
         )
@@ -206,7 +209,7 @@ def part_functions(kernel_size, strides, padding, x, kernel, grad_out) -> dict:
 
 
 def benchmark_layers(batch_sizes: list[int], repeats: int, max_others: float):
-    library = layers.xla_cpu_conv_library()
+    library = cpu_conv.xla_cpu_conv_library()
     for batch in batch_sizes:
         for name, size, kernel, stride, padding, cin, cout in RESNET18_CONVS:
             key_x, key_w, key_g = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -233,14 +236,13 @@ def benchmark_layers(batch_sizes: list[int], repeats: int, max_others: float):
                 table[part][impl] = summary(recorded["wall"])["min_ms"]
             for (part, impl), seconds in slow.items():
                 table[part][impl] = round(seconds * 1e3, 1)
-            best = layers.ConvPlan(*(min(table[p], key=table[p].get) for p in table))
-            auto = layers.choose_conv_plan(
+            best = cpu_conv.ConvPlan(*(min(table[p], key=table[p].get) for p in table))
+            auto = cpu_conv.choose_conv_plan(
                 "auto",
                 kernel_size=(kernel, kernel),
                 strides=(stride, stride),
                 input_hw=(size, size),
                 output_shape=(batch, out, out),
-                backend="cpu",
                 library=library,
             )
             print(
@@ -267,11 +269,10 @@ def benchmark_layers(batch_sizes: list[int], repeats: int, max_others: float):
                 flush=True,
             )
         x = jax.random.normal(jax.random.PRNGKey(0), (batch, 30, 30, 64))
+        pools = {"lax": layers.max_pool, "patches": cpu_conv.max_pool_argmax}
         functions = {
-            impl: jax.jit(
-                jax.grad(lambda x, impl=impl: jnp.sum(layers.max_pool(x, impl=impl) ** 2))
-            )
-            for impl in ("lax", "patches")
+            impl: jax.jit(jax.grad(lambda x, pool=pool: jnp.sum(pool(x) ** 2)))
+            for impl, pool in pools.items()
         }
         for function in functions.values():
             jax.block_until_ready(function(x))

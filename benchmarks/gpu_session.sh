@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# All the GPU work of a session in one call (the lent machine has no network and no ../shared).
+# All the GPU work of a session in one call (the lent machine has no network and no shared folder).
 #
-#   Here:   bash benchmarks/gpu_session.sh --prepare
-#           (copies ../shared/wheels and the UCM10 PNGs into .gpu/, which git ignores)
+#   Here:   bash benchmarks/gpu_session.sh --prepare DIR   (or SHARED=DIR)
+#           (DIR holds wheels/*.whl and data/ucm/<class>/; copies the wheels and the UCM10
+#           PNGs into .gpu/, which git ignores)
 #   There:  run tool, command "bash benchmarks/gpu_session.sh", carry [".gpu"], timeout ~600 s
 #
 # It prints the device and versions, then step_throughput.py at paper shapes (CoMatch+Triplet,
@@ -16,7 +17,11 @@ set -u
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--prepare" ]; then
-    shared="${SHARED:-../shared}"
+    shared="${2:-${SHARED:-}}"
+    if [ -z "$shared" ] || [ ! -d "$shared/data/ucm" ]; then
+        echo "usage: bash benchmarks/gpu_session.sh --prepare DIR  (DIR holds wheels/ and data/ucm/)" >&2
+        exit 2
+    fi
     mkdir -p .gpu/wheels .gpu/data/ucm
     cp "$shared"/wheels/*.whl .gpu/wheels/
     for c in baseballdiamond buildings denseresidential freeway golfcourse mediumresidential \

@@ -22,8 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.base import get_config  # noqa: E402
 from ssl_jax.data import ImageSet, augment_host, load_dataset, train_iterator  # noqa: E402
-
-VIEWS = ("u_w", "u_s0", "u_s1")
+from ssl_jax.data.views import UNLABELLED_VIEWS as VIEWS  # noqa: E402
 
 
 class _Data:

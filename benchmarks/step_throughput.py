@@ -30,12 +30,11 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from configs import base  # noqa: E402
-from ssl_jax import optim, train, xla_cpu  # noqa: E402
-from ssl_jax.algorithms import get_algorithm  # noqa: E402
+from ssl_jax import devices, train, train_state, xla_cpu  # noqa: E402
 from ssl_jax.data import train_iterator  # noqa: E402
 from ssl_jax.data.on_device import device_augment_views  # noqa: E402
 from ssl_jax.data.synthetic import synthetic_dataset  # noqa: E402
-from ssl_jax.models import layers  # noqa: E402
+from ssl_jax.models import cpu_conv  # noqa: E402
 
 
 def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.ArgumentParser:
@@ -47,7 +46,7 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--mu", type=int, default=7)
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--precision", default="float32", choices=sorted(train.PRECISIONS))
+    p.add_argument("--precision", default="float32", choices=sorted(train_state.PRECISIONS))
     p.add_argument("--augment", default="none", choices=("none", "device", "host"))
     p.add_argument("--workers", type=int, default=-1, help="host pipeline processes (-1: cores)")
     p.add_argument("--images", type=int, default=2048, help="synthetic unlabelled pool size")
@@ -105,53 +104,43 @@ def device_info() -> dict:
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "cpu_conv_library": layers.xla_cpu_conv_library() if device.platform == "cpu" else None,
+        "cpu_conv_library": cpu_conv.xla_cpu_conv_library() if device.platform == "cpu" else None,
     }
-
-
-def peak_memory():
-    stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)()
-    return None if not stats else stats.get("peak_bytes_in_use")
 
 
 def setup(args):
     """(config, algorithm, data, model, tx, state) for the options in `args`."""
     config = make_config(args)
-    algorithm = get_algorithm(args.algorithm)
     data = synthetic_dataset(
         num_classes=args.classes,
         num_unlabelled=args.images,
         num_labelled=max(4 * args.classes, args.batch),
         seed=args.seed,
     )
-    model = train.build_model(config, args.classes, algorithm)
-    tx = optim.make_optimizer(
-        config.optim, config.train.total_steps, train._abstract_params(model, config)
-    )
-    state = train.create_train_state(config, model, algorithm, tx, args.classes)
+    model, algorithm, tx, _, state = train_state.setup(config, args.classes)
     return config, algorithm, data, model, tx, state
 
 
 def run(args) -> dict:
     jax.config.update("jax_compilation_cache_dir", None)  # time real compiles
     config, algorithm, data, model, tx, state = setup(args)
-    mesh = train.make_mesh()
-    state = train.replicate(state, mesh)
+    mesh = devices.make_mesh()
+    state = devices.replicate(state, mesh)
     views = algorithm.unlabelled_views
 
     device_data, augment_fn = None, None
     if args.augment == "device":
         device_data, augment_fn = device_augment_views(data, config, views)
-        device_data = train.replicate(device_data, mesh)
+        device_data = devices.replicate(device_data, mesh)
         batches = train_iterator(data, config, views=views, mode="indices")
     elif args.augment == "host":
         batches = train_iterator(data, config, views=views, mode="host")
     else:
-        fixed = train.shard_batch(fixed_host_batch(data, config, views), mesh)
+        fixed = devices.shard_batch(fixed_host_batch(data, config, views), mesh)
         batches = None
 
     def next_batch():
-        return fixed if batches is None else train.shard_batch(next(batches), mesh)
+        return fixed if batches is None else devices.shard_batch(next(batches), mesh)
 
     step_fn = train.make_train_step(config, model, algorithm, tx, augment_fn, mesh)
     batch = next_batch()
@@ -175,7 +164,7 @@ def run(args) -> dict:
             for _ in range(3):
                 state, metrics = compiled(state, next_batch(), device_data)
             jax.block_until_ready(metrics["loss"])
-    images = train.images_per_step(config, algorithm)
+    images = train_state.images_per_step(config, algorithm)
     median = statistics.median(times)
     result = {
         "algorithm": args.algorithm,
@@ -195,7 +184,7 @@ def run(args) -> dict:
         "images_per_s": round(images / median, 1),
         "steps": args.steps,
         "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
-        "peak_device_memory_bytes": peak_memory(),
+        "peak_device_memory_bytes": devices.peak_device_memory_bytes(),
         "date": time.strftime("%Y-%m-%d"),
     }
     result.update(device_info())

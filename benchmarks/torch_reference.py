@@ -1,11 +1,11 @@
 """PyTorch eager reference for ssl_jax's CPU step timings (not a project dependency).
 
-Run it from a separate venv that has torch (``python3 -m venv /work/torchvenv &&
-/work/torchvenv/bin/pip install torch==2.13.0 numpy``):
+Run it from a separate virtual environment that has torch, anywhere (``$TORCH_VENV`` below):
+``python3 -m venv $TORCH_VENV && $TORCH_VENV/bin/pip install torch==2.13.0 numpy``, then
 
-    /work/torchvenv/bin/python benchmarks/torch_reference.py --batch 8 --mu 2
-    /work/torchvenv/bin/python benchmarks/torch_reference.py --batch 32 --mu 7 --steps 5
-    /work/torchvenv/bin/python benchmarks/torch_reference.py --forward-backward 56,64,704
+    $TORCH_VENV/bin/python benchmarks/torch_reference.py --batch 8 --mu 2
+    $TORCH_VENV/bin/python benchmarks/torch_reference.py --batch 32 --mu 7 --steps 5
+    $TORCH_VENV/bin/python benchmarks/torch_reference.py --forward-backward 56,64,704
 
 Without torch it prints one JSON line saying so and exits 0.
 

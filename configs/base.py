@@ -55,7 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ----------------------------------------------------------------------------- data
     config.data = data = ml_collections.ConfigDict()
-    data.name = "ucm10"  # a label for tables and logs
+    # A label for tables and logs. A paper dataset's name on other data (another data.root,
+    # no shipped split lists, or tfds) gives way to the folder's or tfds name (dataset_name).
+    data.name = "ucm10"
     data.source = "folder"  # folder | tfds
     data.root = default_data_root("ucm")  # folder-per-class dataset root
     # Split lists: a shipped name ("UCM"/"AID": ssl_jax/data/split_lists/<name>_{train,test}.txt),
@@ -96,6 +98,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.name = "resnet18"  # resnet18 | resnet50 | wrn28_2
     model.width = 1.0  # channel multiplier; < 1 only for tiny test/smoke models
     model.low_dim = 64  # projection dimension D
+    # Convolution formulation: auto | lax | patches | hybrid | dense | taps (the last four are
+    # CPU plans, ssl_jax/models/cpu_conv.py). auto: CPU plans on the CPU platform, lax elsewhere.
+    model.conv_impl = "auto"
 
     # -------------------------------------------------------------------------- algorithm
     config.algorithm = alg = ml_collections.ConfigDict()
@@ -151,7 +156,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ev.step = "latest"  # latest | best | an integer step
     ev.online = False  # also evaluate the online (non-EMA) weights
     ev.tsne_perplexity = 30.0
-    ev.figures = True
+    ev.figures = True  # False: no PNG figures and no t-SNE (metrics and predictions still)
+    # --mode train evaluates the final checkpoint when it ends (eval/<step>/: metrics.json,
+    # predictions.npz, figures); False skips that whole post-training evaluation.
+    ev.after_training = True
 
     config.predict = pred = ml_collections.ConfigDict()
     pred.input = ""  # an image file or a folder of images

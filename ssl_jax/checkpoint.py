@@ -9,6 +9,8 @@ beside them in `<workdir>/config.json`.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import logging
 import os
@@ -20,6 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
+
+from ssl_jax import files
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -49,7 +53,42 @@ def flatten_config(config: dict) -> dict:
     return traverse_util.flatten_dict(config, sep=".")
 
 
+@functools.cache
+def _base_config_json() -> str:
+    """configs/base.py's `get_config()` as JSON ("{}" where the repository's configs are absent)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "base.py")
+    if os.path.exists(path):
+        spec = importlib.util.spec_from_file_location("_ssl_jax_base_config", path)
+        base = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(base)
+    else:  # ssl_jax installed elsewhere: the configs package must be importable
+        try:
+            from configs import base
+        except ImportError:
+            return "{}"
+    return base.get_config().to_json_best_effort()
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved config.json dict with every key it lacks (added since) at its base.py default.
+
+    Adding a config key therefore never locks users out of the runs they trained before it.
+    """
+
+    def fill(values: dict, defaults: dict) -> dict:
+        out = dict(values)
+        for key, default in defaults.items():
+            if key not in out:
+                out[key] = default
+            elif isinstance(default, dict) and isinstance(out[key], dict):
+                out[key] = fill(out[key], default)
+        return out
+
+    return fill(saved, json.loads(_base_config_json()))
+
+
 def load_saved_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's config.json, keys added since it was written at their defaults."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isdir(workdir):
         raise CheckpointError(
@@ -61,28 +100,76 @@ def load_saved_config(workdir: str) -> ml_collections.ConfigDict:
             "workdir (train into it first with --mode train)."
         )
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return ml_collections.ConfigDict(with_defaults(json.load(f)))
 
 
 def check_config_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Refuses to resume a workdir whose run used a different config (nothing is overwritten)."""
+    """Refuses to resume a workdir whose run used a different config (nothing is overwritten).
+
+    A key the saved config lacks (added to configs/base.py since) compares at its default.
+    """
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
         return
     with open(path) as f:
-        saved = flatten_config(json.load(f))
+        saved = flatten_config(with_defaults(json.load(f)))
     current = flatten_config(json.loads(config.to_json_best_effort()))
     differences = [
         f"{key}: saved {saved.get(key)!r} != now {current.get(key)!r}"
         for key in sorted(set(saved) | set(current))
         if saved.get(key) != current.get(key)
-        and not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
+        and not files.matches_key_prefix(key, RESUMABLE_CHANGES)
     ]
     if differences:
         raise CheckpointError(
             f"{workdir} holds checkpoints of a run with a different config, so resuming would "
             "mix two experiments. Use a new --workdir, or rerun with the same config. "
             "Differences: " + "; ".join(differences)
+        )
+
+
+def _shapes_by_path(tree, prefix: str) -> dict[str, tuple]:
+    return {
+        prefix + "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def check_checkpoint_matches_model(step_dir: str, abstract: dict, *, online: bool, describe: str):
+    """Compares the parameter names and shapes in a checkpoint with the model's, before restoring.
+
+    Orbax's partial restore silently keeps the checkpoint's shapes and leaves absent entries
+    unfilled, so a config.json edited to another model would otherwise give garbage.
+    """
+    from etils import epath
+
+    state_dir = os.path.join(step_dir, "state")
+    if not os.path.isdir(state_dir):
+        raise CheckpointError(f"{step_dir} holds no 'state' item: it is not an ssl_jax checkpoint.")
+    saved_tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
+    prefix = "" if online else "ema_"
+    problems = []
+    for name in ("params", "batch_stats"):
+        expected = _shapes_by_path(abstract.get(name, {}), f"{name}/")
+        stored = saved_tree[f"{prefix}{name}"] if f"{prefix}{name}" in saved_tree else {}
+        saved = _shapes_by_path(stored, f"{name}/")
+        problems += [
+            f"{k}: missing from the checkpoint" for k in sorted(set(expected) - set(saved))
+        ]
+        problems += [
+            f"{k}: in the checkpoint, not in the model" for k in sorted(set(saved) - set(expected))
+        ]
+        problems += [
+            f"{k}: checkpoint shape {saved[k]}, model shape {expected[k]}"
+            for k in sorted(set(saved) & set(expected))
+            if saved[k] != expected[k]
+        ]
+    if problems:
+        raise CheckpointError(
+            f"The checkpoint {step_dir} was not written by the model that config.json describes "
+            f"({describe}): {len(problems)} mismatch(es), e.g. " + "; ".join(problems[:4]) + ". "
+            "Was config.json edited or the checkpoint copied from another run? Restore "
+            "config.json from the run that wrote the checkpoint."
         )
 
 
@@ -177,8 +264,20 @@ class Checkpointer:
             )
         return step
 
-    def restore_for_eval(self, step: int, abstract_variables: dict, *, online: bool = False):
-        """Only what inference needs: the EMA (or online) params and BN statistics."""
+    def restore_for_eval(
+        self, step: int, abstract_variables: dict, *, online: bool = False, describe: str = ""
+    ):
+        """Only what inference needs: the EMA (or online) params and BN statistics.
+
+        The checkpoint's names and shapes are first checked against `abstract_variables` (the
+        model of config.json, described by `describe` in the error).
+        """
+        check_checkpoint_matches_model(
+            os.path.join(self.directory, str(step)),
+            abstract_variables,
+            online=online,
+            describe=describe,
+        )
         prefix = "" if online else "ema_"
         target = {
             f"{prefix}params": abstract_variables["params"],

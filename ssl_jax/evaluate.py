@@ -18,15 +18,13 @@ import json
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from ssl_jax import checkpoint as checkpoint_lib
 from ssl_jax import data as data_lib
 from ssl_jax import figures as figures_lib
-from ssl_jax import metric_writers, retrieval, train
+from ssl_jax import files, inference, metric_writers, retrieval, train_state
 from ssl_jax.algorithms import get_algorithm
 from ssl_jax.data import augment_host
 from ssl_jax.data.sources import IMAGE_EXTENSIONS, DataError, is_image_file
@@ -65,7 +63,7 @@ def saved_class_names(workdir: str, config: ml_collections.ConfigDict) -> tuple[
         )
     with open(path) as f:
         saved = json.load(f)
-    return tuple(saved.get("classes") or saved["class_names"])
+    return tuple(saved["classes"])
 
 
 def _describe_model(config, num_classes: int, projection: bool) -> str:
@@ -76,97 +74,26 @@ def _describe_model(config, num_classes: int, projection: bool) -> str:
     )
 
 
-def _shapes_by_path(tree, prefix: str) -> dict[str, tuple]:
-    return {
-        prefix + "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-    }
-
-
-def check_checkpoint_matches_model(step_dir: str, abstract: dict, *, online: bool, describe: str):
-    """Compares the parameter names and shapes in a checkpoint with the model's, before restoring.
-
-    Orbax's partial restore silently keeps the checkpoint's shapes and leaves absent entries
-    unfilled, so a config.json edited to another model would otherwise give garbage.
-    """
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    state_dir = os.path.join(step_dir, "state")
-    if not os.path.isdir(state_dir):
-        return  # an unfamiliar layout: the check after restoring still applies
-    saved_tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
-    prefix = "" if online else "ema_"
-    problems = []
-    for name in ("params", "batch_stats"):
-        expected = _shapes_by_path(abstract.get(name, {}), f"{name}/")
-        stored = saved_tree[f"{prefix}{name}"] if f"{prefix}{name}" in saved_tree else {}
-        saved = _shapes_by_path(stored, f"{name}/")
-        problems += [
-            f"{k}: missing from the checkpoint" for k in sorted(set(expected) - set(saved))
-        ]
-        problems += [
-            f"{k}: in the checkpoint, not in the model" for k in sorted(set(saved) - set(expected))
-        ]
-        problems += [
-            f"{k}: checkpoint shape {saved[k]}, model shape {expected[k]}"
-            for k in sorted(set(saved) & set(expected))
-            if saved[k] != expected[k]
-        ]
-    if problems:
-        raise checkpoint_lib.CheckpointError(
-            f"The checkpoint {step_dir} was not written by the model that config.json describes "
-            f"({describe}): {len(problems)} mismatch(es), e.g. " + "; ".join(problems[:4]) + ". "
-            "Was config.json edited or the checkpoint copied from another run? Restore "
-            "config.json from the run that wrote the checkpoint."
-        )
-
-
 def restore_model(
     workdir: str, config: ml_collections.ConfigDict, *, which=None, online: bool = False
 ):
     """(model, variables, step, meta) for the chosen checkpoint of `workdir`."""
     algorithm = get_algorithm(config.algorithm.name)
     num_classes = len(saved_class_names(workdir, config))
-    model = train.build_model(config, num_classes, algorithm)
-    size = config.data.crop_size
-    abstract = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False)
-    )
-    describe = _describe_model(config, num_classes, algorithm.needs_projection)
+    model = train_state.build_model(config, num_classes, algorithm)
+    abstract = train_state.abstract_variables(model, config)
     checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
     try:
         step = checkpointer.select_step(config.eval.step if which is None else which)
-        check_checkpoint_matches_model(
-            os.path.join(checkpointer.directory, str(step)),
+        variables, meta = checkpointer.restore_for_eval(
+            step,
             abstract,
             online=online,
-            describe=describe,
+            describe=_describe_model(config, num_classes, algorithm.needs_projection),
         )
-        variables, meta = checkpointer.restore_for_eval(step, abstract, online=online)
     finally:
         checkpointer.close()
-    wrong = [
-        path
-        for path, (got, want) in _paired_leaves(variables, abstract)
-        if not isinstance(got, np.ndarray | jax.Array) or tuple(got.shape) != tuple(want.shape)
-    ]
-    if wrong:
-        raise checkpoint_lib.CheckpointError(
-            f"Checkpoint {step} of {workdir} does not hold the model config.json describes "
-            f"({describe}); unmatched entries: {wrong[:4]}."
-        )
     return model, variables, step, meta
-
-
-def _paired_leaves(variables, abstract):
-    wanted = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
-    flat_want = dict(jax.tree_util.tree_leaves_with_path(wanted))
-    for path, leaf in jax.tree_util.tree_leaves_with_path(
-        variables, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)
-    ):
-        if path in flat_want:
-            yield jax.tree_util.keystr(path), (leaf, flat_want[path])
 
 
 # -------------------------------------------------------------------------------- metrics
@@ -202,8 +129,8 @@ def classification_metrics(logits, labels, class_names) -> tuple[dict, np.ndarra
     seen = (true_counts > 0) | (predicted_counts > 0)
     in_test = true_counts > 0
     result = {
-        "top1": train.topk_accuracy(np.asarray(logits), labels, 1),
-        "top5": train.topk_accuracy(np.asarray(logits), labels, 5),
+        "top1": inference.topk_accuracy(np.asarray(logits), labels, 1),
+        "top5": inference.topk_accuracy(np.asarray(logits), labels, 5),
         "num_test": int(len(labels)),
         "per_class_accuracy": {
             # 100 * correct / count (not 100 * recall): 29 of 50 reads 58.0, not 57.99999999999999
@@ -234,7 +161,7 @@ def embedding_metrics(arrays: dict, algorithm_name: str) -> dict:
 
 
 def _predict_test(model, variables, data, batch_size):
-    return train.predict_arrays(model, variables, data_lib.test_batches(data.test, batch_size))
+    return inference.predict_arrays(model, variables, data_lib.test_batches(data.test, batch_size))
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -281,7 +208,7 @@ def evaluate_workdir(workdir: str, cli_config: ml_collections.ConfigDict | None 
         "split_hash": data.split_hash,
         "algorithm": config.algorithm.name,
         "model": config.model.name,
-        "dataset": config.data.get("name", ""),
+        "dataset": config.data.name,
         **result,
         "embedding_metrics": embedding_metrics(arrays, config.algorithm.name),
         "training": {
@@ -328,13 +255,13 @@ def evaluate_workdir(workdir: str, cli_config: ml_collections.ConfigDict | None 
             config.eval.tsne_perplexity, len(arrays["labels"])
         )
     result["output_dir"] = out_dir
-    train.dump_json(result, os.path.join(out_dir, "metrics.json"))
+    files.atomic_write_json(result, os.path.join(out_dir, "metrics.json"))
     return result
 
 
 def draw_figures(workdir, out_dir, config, cm, class_names, arrays, step) -> list[str]:
     """Confusion matrix, t-SNE (now and over the saved epochs) and training curves."""
-    name = f"{config.algorithm.name} on {config.data.get('name', '')}, step {step}"
+    name = f"{config.algorithm.name} on {config.data.name}, step {step}"
     perplexity = float(config.eval.tsne_perplexity)
     drawn = [
         figures_lib.plot_confusion_matrix(
@@ -421,19 +348,6 @@ def load_prediction_images(files: list[str], size: int) -> list[np.ndarray]:
     return views
 
 
-def predict_probabilities(model, variables, views: list[np.ndarray], batch_size: int):
-    """Softmax probabilities (N, C) of the test views, in fixed-shape batches (one compile)."""
-    eval_step = train.make_eval_step(model)
-    out = []
-    for start in range(0, len(views), batch_size):
-        chunk = np.stack(views[start : start + batch_size])
-        batch = np.zeros((batch_size, *chunk.shape[1:]), np.uint8)
-        batch[: len(chunk)] = chunk
-        logits, _ = eval_step(variables, batch)
-        out.append(np.asarray(jax.nn.softmax(logits, axis=-1))[: len(chunk)])
-    return np.concatenate(out)
-
-
 def predict_workdir(workdir: str, cli_config: ml_collections.ConfigDict | None = None) -> dict:
     """Classifies config.predict.input; writes a CSV (file, class, confidence, top-5)."""
     workdir = os.path.abspath(workdir)
@@ -443,7 +357,9 @@ def predict_workdir(workdir: str, cli_config: ml_collections.ConfigDict | None =
     class_names = saved_class_names(workdir, config)
     views = load_prediction_images(files, int(config.data.image_size))
     model, variables, step, _ = restore_model(workdir, config)
-    probabilities = predict_probabilities(model, variables, views, config.data.eval_batch_size)
+    probabilities = inference.predict_probabilities(
+        model, variables, views, config.data.eval_batch_size
+    )
 
     output = config.predict.output or os.path.join(workdir, "predictions.csv")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-LOSS_TERMS = ("loss", "loss_x", "loss_u", "loss_c", "loss_dml", "loss_ccssl", "loss_contrast")
+LOSS_TERMS = ("loss", "loss_x", "loss_u", "loss_c", "loss_dml", "loss_ccssl")
 MIN_TSNE_POINTS = 5
 DPI = 120
 

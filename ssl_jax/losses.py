@@ -14,6 +14,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ssl_jax import xla_cpu
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -222,15 +224,23 @@ def semihard_triplet_masks(
 
 
 def semihard_triplet_loss(
-    *, embeddings: jax.Array, labels: jax.Array, margin: float = 0.2
+    *,
+    embeddings: jax.Array,
+    labels: jax.Array,
+    margin: float = 0.2,
+    anchor_block: int | None = None,
 ) -> tuple[jax.Array, TripletStats]:
     """§6: semi-hard cosine triplet loss, mean over mined triplets with loss > 0.
 
     Mask-based: no Python loops or data-dependent shapes, so one compilation serves every
     batch. When nothing is kept the loss is exactly 0 and its gradient exactly zero.
+    ``anchor_block``: see `semihard_triplet_loss_from_similarity`.
     """
     return semihard_triplet_loss_from_similarity(
-        similarity=cosine_similarity(embeddings), labels=labels, margin=margin
+        similarity=cosine_similarity(embeddings),
+        labels=labels,
+        margin=margin,
+        anchor_block=anchor_block,
     )
 
 
@@ -240,8 +250,26 @@ TRIPLET_ANCHOR_BLOCK = 8
 TRIPLET_BLOCKED_MIN_BATCH = 64
 
 
+def default_triplet_anchor_block(batch: int, platform: str | None = None) -> int:
+    """The triplet miner's anchors per block when the caller names none.
+
+    On CPU, `TRIPLET_ANCHOR_BLOCK` for batches of at least `TRIPLET_BLOCKED_MIN_BATCH`, so
+    the intermediates stay in cache (B=224: 78 -> ~50 ms on the 2-core development CPU);
+    elsewhere, and for small batches, the whole batch in one block. ``platform``: None reads
+    jax's default platform.
+    """
+    platform = platform or xla_cpu.default_platform()
+    if platform == "cpu" and batch >= TRIPLET_BLOCKED_MIN_BATCH:
+        return TRIPLET_ANCHOR_BLOCK
+    return batch
+
+
 def semihard_triplet_loss_from_similarity(
-    *, similarity: jax.Array, labels: jax.Array, margin: float = 0.2
+    *,
+    similarity: jax.Array,
+    labels: jax.Array,
+    margin: float = 0.2,
+    anchor_block: int | None = None,
 ) -> tuple[jax.Array, TripletStats]:
     """The §6 miner, loss and ThresholdReducer(low=0) on a given (B, B) similarity matrix.
 
@@ -249,9 +277,9 @@ def semihard_triplet_loss_from_similarity(
     The (B, B, B) work happens once, without gradient, reduced per anchor to (B,) counts and
     sums: the loss value is summed over the kept triplets, and the gradient comes from a
     (B, B) surrogate with the same derivative, ``sum(S * (kept_per_an - kept_per_ap)) / N``,
-    added as ``x - stop_gradient(x)`` (zero in value). On CPU anchors go in blocks of
-    `TRIPLET_ANCHOR_BLOCK` so the intermediates stay in cache (B=224: 78 -> ~50 ms on the
-    2-core development CPU); small batches and accelerators take one block.
+    added as ``x - stop_gradient(x)`` (zero in value). Anchors go through that work
+    ``anchor_block`` at a time (any block gives the same result; None: chosen by
+    `default_triplet_anchor_block`).
     """
     fixed = jax.lax.stop_gradient(similarity)
     b = labels.shape[0]
@@ -270,10 +298,11 @@ def semihard_triplet_loss_from_similarity(
             jnp.sum(keep, axis=0, dtype=jnp.int32),
         )
 
-    cpu_sized = jax.default_backend() == "cpu" and b >= TRIPLET_BLOCKED_MIN_BATCH
-    block = TRIPLET_ANCHOR_BLOCK if cpu_sized else b
+    block = default_triplet_anchor_block(b) if anchor_block is None else anchor_block
+    if block < 1:
+        raise ValueError(f"anchor_block must be at least 1, got {block}")
     kept_per_ap, loss_per_ap, mined_per_ap, ties_per_ap, kept_per_an = jax.lax.map(
-        per_anchor, (fixed, positive_pair, negative), batch_size=block
+        per_anchor, (fixed, positive_pair, negative), batch_size=min(block, b)
     )
 
     num_kept = jnp.sum(kept_per_ap)

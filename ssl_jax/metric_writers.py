@@ -14,6 +14,8 @@ import sys
 import time
 from collections.abc import Mapping
 
+from ssl_jax import files
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -61,11 +63,7 @@ class MetricWriter:
         if not os.path.exists(self.path):
             return
         kept = [r for r in read_metrics(os.path.dirname(self.path)) if r["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            for record in kept:
-                f.write(json.dumps(record) + "\n")
-        os.replace(tmp, self.path)
+        files.atomic_write_text("".join(json.dumps(r) + "\n" for r in kept), self.path)
 
     def write(self, kind: str, step: int, values: Mapping[str, float]) -> dict:
         record = {"kind": kind, "step": int(step), "time": time.time()}
@@ -78,11 +76,6 @@ class MetricWriter:
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     self._tb.add_scalar(f"{kind}/{key}", value, int(step))
         return record
-
-    def flush(self) -> None:
-        self._file.flush()
-        if self._tb is not None:
-            self._tb.flush()
 
     def close(self) -> None:
         self._file.close()

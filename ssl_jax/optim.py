@@ -7,6 +7,7 @@ ALGORITHMS.md §4.1–§4.3. PyTorch's SGD (dampening 0, decay added to the grad
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax
 import jax
@@ -53,20 +54,29 @@ def decay_mask(params) -> dict:
     return flax.traverse_util.unflatten_dict(mask)
 
 
-def make_optimizer(
-    optim_cfg: ml_collections.ConfigDict, total_steps: int, params
-) -> optax.GradientTransformation:
-    """SGD + Nesterov with the masked weight decay and the cosine schedule of `optim_cfg`."""
+class Optimizer(NamedTuple):
+    """The optimizer and the learning-rate schedule inside it (for logging the lr it uses)."""
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+
+def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int, params) -> Optimizer:
+    """SGD + Nesterov with the masked weight decay and the cosine schedule of `optim_cfg`.
+
+    `params` may be abstract (only the tree's names are read); unpack as ``tx, schedule = ...``.
+    """
     schedule = cosine_schedule(
         optim_cfg.lr,
         total_steps,
         warmup_steps=optim_cfg.warmup_steps,
         num_cycles=optim_cfg.num_cycles,
     )
-    return optax.chain(
+    tx = optax.chain(
         optax.add_decayed_weights(optim_cfg.weight_decay, mask=decay_mask(params)),
         optax.sgd(schedule, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov),
     )
+    return Optimizer(tx, schedule)
 
 
 def ema_update(ema_tree, new_tree, decay: float):

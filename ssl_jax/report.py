@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ssl_jax import checkpoint as checkpoint_lib
-from ssl_jax import metric_writers
+from ssl_jax import files, metric_writers
 
 TRAINERS = {
     "supervised": "Supervised",
@@ -46,11 +46,7 @@ class ReportError(ValueError):
 def experiment_key(config: dict) -> str:
     """The config without the keys in NOT_EXPERIMENT_KEYS, as canonical JSON."""
     flat = checkpoint_lib.flatten_config(config)
-    kept = {
-        k: v
-        for k, v in flat.items()
-        if not any(k == n or (n.endswith(".") and k.startswith(n)) for n in NOT_EXPERIMENT_KEYS)
-    }
+    kept = {k: v for k, v in flat.items() if not files.matches_key_prefix(k, NOT_EXPERIMENT_KEYS)}
     return json.dumps(kept, sort_keys=True)
 
 
@@ -58,13 +54,13 @@ def trainer_name(config: dict) -> str:
     algorithm = config["algorithm"]
     name = TRAINERS.get(algorithm["name"], algorithm["name"])
     if algorithm["name"].endswith("ccssl"):
-        name += " (OD)" if float(algorithm.get("t_push", 0.0)) > 0 else " (ID)"
+        name += " (OD)" if float(algorithm["t_push"]) > 0 else " (ID)"
     return name
 
 
 def model_name(config: dict) -> str:
     name = MODELS.get(config["model"]["name"], config["model"]["name"])
-    width = float(config["model"].get("width", 1.0))
+    width = float(config["model"]["width"])
     return name if width == 1.0 else f"{name} x{width:g}"
 
 
@@ -96,7 +92,10 @@ def _train_seconds(workdir: str) -> float | None:
 
 
 def summarize_run(workdir: str) -> dict:
-    """One run's table entries, from config.json, metrics.jsonl and the latest checkpoint."""
+    """One run's table entries, from config.json, metrics.jsonl and the latest checkpoint.
+
+    Keys an older config.json lacks read as their configs/base.py defaults.
+    """
     workdir = os.path.abspath(workdir)
     try:
         config = json.loads(checkpoint_lib.load_saved_config(workdir).to_json())
@@ -110,15 +109,15 @@ def summarize_run(workdir: str) -> dict:
             "epoch); train longer or leave it out."
         )
     top1 = [float(r["top1"]) for r in evals]
-    mean_of_last = int(config["train"].get("mean_of_last", 20))
+    mean_of_last = int(config["train"]["mean_of_last"])
     peaks = [r["peak_device_memory_bytes"] for r in evals if r.get("peak_device_memory_bytes")]
     seconds = _train_seconds(workdir)
     return {
         "workdir": workdir,
         "key": experiment_key(config),
-        "seed": config.get("seed"),
+        "seed": config["seed"],
         "trainer": trainer_name(config),
-        "dataset": config["data"].get("name", ""),
+        "dataset": config["data"]["name"],
         "mu": config["data"]["mu"],
         "model": model_name(config),
         "protocol": protocol_name(config),

@@ -58,7 +58,7 @@ def main(
             "best_top1": meta.get("best_top1"),
             "mean_top1_last": meta.get("mean_top1_last"),
         }
-        if config.eval.figures:
+        if config.eval.after_training:  # eval.figures=False skips only figures and t-SNE
             result["eval"] = evaluate.evaluate_workdir(workdir, config)
         print(json.dumps(result), flush=True)
         return result

@@ -5,13 +5,13 @@ The step (`train_step`) is a module-level pure function: it forwards the concate
 ``loss_from_outputs`` (which also advances the algorithm's state: memory bank, DA history),
 applies SGD and the EMA. It is jitted once with the state donated; the per-step randomness
 (device augmentation) is ``fold_in(state.rng, step)``, so a resumed run is bit-identical.
+The state and its construction are in `ssl_jax.train_state`, inference in `ssl_jax.inference`,
+the mesh and sharding in `ssl_jax.devices`.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
-import json
 import logging
 import math
 import os
@@ -19,28 +19,22 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from clu import metrics as clu_metrics
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from ssl_jax import checkpoint as checkpoint_lib
 from ssl_jax import data as data_lib
-from ssl_jax import metric_writers, optim
+from ssl_jax import devices, files, inference, metric_writers, optim, train_state
 from ssl_jax.algorithms import get_algorithm
 from ssl_jax.algorithms.base import Algorithm
 from ssl_jax.data.normalize import to_network_input
 from ssl_jax.data.protocols import write_split_json
-from ssl_jax.models import get_model
 
-# How many times each jitted function was traced; a test guards against recompilation.
-TRACE_COUNTS: collections.Counter = collections.Counter()
-
-PRECISIONS = {"float32": jnp.float32, "bf16": jnp.bfloat16}
 AUGMENT_WHERE = ("host", "device", "auto")
 
 
@@ -48,21 +42,7 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when a logged loss (or the parameters) stop being finite."""
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything a step reads and writes; saved whole in every checkpoint."""
-
-    step: jax.Array  # int32 scalar: number of optimizer updates done
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    ema_params: Any
-    ema_batch_stats: Any  # copied from the online model after every step (§4.3)
-    algo_state: Any  # memory bank, DA history, ... ({} for stateless methods)
-    rng: jax.Array  # raw uint32[2] key; per-step keys are fold_in(rng, step)
-
-
-# ----------------------------------------------------------------------------- construction
+# ------------------------------------------------------------------------------- config
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -77,9 +57,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"config.train.log_every ({t.log_every}) must divide config.train.{key} "
                 f"({t[key]}) so that checkpoints fall on logging boundaries."
             )
-    if config.precision not in PRECISIONS:
+    if config.precision not in train_state.PRECISIONS:
         raise ValueError(
-            f"config.precision must be one of {sorted(PRECISIONS)}, got {config.precision!r}."
+            f"config.precision must be one of {sorted(train_state.PRECISIONS)}, "
+            f"got {config.precision!r}."
         )
     if config.augment.where not in AUGMENT_WHERE:
         raise ValueError(
@@ -93,55 +74,6 @@ def resolve_augment_where(config: ml_collections.ConfigDict) -> str:
     if config.augment.where != "auto":
         return config.augment.where
     return "host" if jax.default_backend() == "cpu" else "device"
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int, algorithm: Algorithm):
-    return get_model(
-        config.model.name,
-        num_classes,
-        config.model.low_dim if algorithm.needs_projection else 0,
-        width=config.model.width,
-        dtype=PRECISIONS[config.precision],
-    )
-
-
-def images_per_step(config: ml_collections.ConfigDict, algorithm: Algorithm) -> int:
-    b = config.data.batch_size
-    return b + len(algorithm.unlabelled_views) * config.data.mu * b
-
-
-def create_train_state(
-    config: ml_collections.ConfigDict,
-    model,
-    algorithm: Algorithm,
-    tx: optax.GradientTransformation,
-    num_classes: int,
-) -> TrainState:
-    """Initial state; the EMA model starts as a copy of the initial model (§4.3)."""
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    size = config.data.crop_size
-    # Jitted: eager init would compile every initializer op separately (seconds on CPU).
-    init = jax.jit(functools.partial(model.init, train=False))
-    variables = init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32))
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
-    algo_state = algorithm.init_state(
-        config.algorithm,
-        num_classes=num_classes,
-        low_dim=config.model.low_dim,
-        batch_size=config.data.batch_size,
-        mu=config.data.mu,
-    )
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=tx.init(params),
-        ema_params=jax.tree.map(jnp.copy, params),
-        ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
-        algo_state=algo_state,
-        rng=train_rng,
-    )
 
 
 # ------------------------------------------------------------------------------ the step
@@ -159,7 +91,7 @@ def network_inputs(
 
 
 def train_step(
-    state: TrainState,
+    state: train_state.TrainState,
     batch: Mapping[str, jax.Array],
     device_data: Any,
     *,
@@ -168,14 +100,13 @@ def train_step(
     tx: optax.GradientTransformation,
     config: ml_collections.ConfigDict,
     augment_fn: Callable | None = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
+) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
     """One optimizer step of any algorithm (ALGORITHMS.md §8)."""
-    TRACE_COUNTS["train_step"] += 1
     step = state.step
     step_rng = jax.random.fold_in(state.rng, step)
     if augment_fn is not None:  # on-device augmentation from the device-resident cache
         batch = augment_fn(jax.random.fold_in(step_rng, 0), batch, device_data)
-    dtype = PRECISIONS[config.precision]
+    dtype = train_state.PRECISIONS[config.precision]
     images = network_inputs(
         batch,
         algorithm.unlabelled_views,
@@ -222,34 +153,6 @@ def train_step(
     return new_state, metrics
 
 
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D data-parallel mesh over the local devices (one device: the same code path)."""
-    devices = jax.local_devices() if devices is None else devices
-    return Mesh(np.asarray(devices), ("data",))
-
-
-def replicate(tree, mesh: Mesh):
-    """Parameters, optimizer and algorithm state live whole on every device."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
-
-
-def shard_batch(batch, mesh: Mesh):
-    """Splits every batch array along its first axis over the mesh's devices.
-
-    The losses are global over the batch (graph contrastive, triplet mining, memory bank,
-    BatchNorm statistics): under jit XLA inserts the collectives, so the sharded step
-    computes the single-device function up to float reassociation.
-    """
-    n = mesh.devices.size
-    for key, value in batch.items():
-        if np.shape(value)[0] % n:
-            raise ValueError(
-                f"Batch entry {key!r} has {np.shape(value)[0]} rows, not divisible "
-                f"by the {n} devices; choose data.batch_size divisible by {n}."
-            )
-    return jax.device_put(dict(batch), NamedSharding(mesh, PartitionSpec("data")))
-
-
 def make_train_step(config, model, algorithm, tx, augment_fn=None, mesh: Mesh | None = None):
     """The step jitted once, with the state donated (and kept replicated over `mesh`)."""
     step = functools.partial(
@@ -262,63 +165,8 @@ def make_train_step(config, model, algorithm, tx, augment_fn=None, mesh: Mesh | 
     )
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = devices.replicated(mesh)
     return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
-
-
-# ------------------------------------------------------------------------------ evaluation
-
-
-@functools.cache
-def make_eval_step(model) -> Callable:
-    """Jitted inference forward (memoised per model; BN uses running statistics)."""
-
-    def eval_step(variables, images):
-        TRACE_COUNTS["eval_step"] += 1
-        logits, feats = model.apply(variables, to_network_input(images), train=False)
-        return logits.astype(jnp.float32), (None if feats is None else feats.astype(jnp.float32))
-
-    return jax.jit(eval_step)
-
-
-def predict_arrays(model, variables, batches) -> dict[str, np.ndarray]:
-    """Logits, embeddings and labels of every real (unpadded) example of `batches`."""
-    eval_step = make_eval_step(model)
-    logits, feats, labels = [], [], []
-    for batch in batches:
-        out_logits, out_feats = eval_step(variables, batch["image"])
-        keep = np.asarray(batch["mask"], bool)
-        logits.append(np.asarray(out_logits)[keep])
-        labels.append(np.asarray(batch["label"])[keep])
-        if out_feats is not None:
-            feats.append(np.asarray(out_feats)[keep])
-    out = {
-        "logits": np.concatenate(logits) if logits else np.zeros((0, 0), np.float32),
-        "labels": np.concatenate(labels) if labels else np.zeros((0,), np.int32),
-    }
-    if feats:
-        out["embeddings"] = np.concatenate(feats)
-    return out
-
-
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Percent of examples whose label is among the k largest logits (§4.4)."""
-    if len(labels) == 0:
-        raise ValueError("Cannot compute accuracy on an empty test set.")
-    k = min(k, logits.shape[1])
-    topk = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    correct = int(np.sum(np.any(topk == labels[:, None], axis=1)))
-    return round(100.0 * correct / len(labels), 6)  # 6 decimals: no float noise in logs
-
-
-def evaluate(model, params, batch_stats, batches) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    arrays = predict_arrays(model, {"params": params, "batch_stats": batch_stats}, batches)
-    result = {
-        "top1": topk_accuracy(arrays["logits"], arrays["labels"], 1),
-        "top5": topk_accuracy(arrays["logits"], arrays["labels"], 5),
-        "num_test": int(len(arrays["labels"])),
-    }
-    return result, arrays
 
 
 # ------------------------------------------------------------------------------- the loop
@@ -330,22 +178,19 @@ def _metric_collection(names):
     )
 
 
-def peak_device_memory_bytes() -> int | None:
-    stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)()
-    return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
-
-
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """The resolved config beside the checkpoints, so eval needs nothing else."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
+    files.atomic_write_text(
+        config.to_json_best_effort(indent=2), os.path.join(workdir, checkpoint_lib.CONFIG_FILE)
+    )
 
 
 def _embeddings_epochs(config, num_epochs: int) -> set[int]:
     return {num_epochs if e == -1 else int(e) for e in config.train.save_embeddings_epochs}
+
+
+def _param_count(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -357,13 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     save_config(config, workdir)
 
     data = data_lib.load_dataset(config, workdir=workdir, write_split=False)
-    num_classes = len(data.class_names)
-    algorithm = get_algorithm(config.algorithm.name)
-    model = build_model(config, num_classes, algorithm)
-    tx = optim.make_optimizer(
-        config.optim, config.train.total_steps, _abstract_params(model, config)
-    )
-    state = create_train_state(config, model, algorithm, tx, num_classes)
+    model, algorithm, tx, lr_schedule, state = train_state.setup(config, len(data.class_names))
 
     where = resolve_augment_where(config)
     data_iter = data_lib.train_iterator(
@@ -401,10 +240,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         data_iter.close()
         return meta
 
-    mesh = make_mesh()
-    state = replicate(state, mesh)
+    mesh = devices.make_mesh()
+    state = devices.replicate(state, mesh)
     if device_data is not None:
-        device_data = replicate(device_data, mesh)
+        device_data = devices.replicate(device_data, mesh)
     step_fn = make_train_step(config, model, algorithm, tx, augment_fn, mesh)
     writer = metric_writers.MetricWriter(workdir, start_step=start_step)
     if start_step == 0:
@@ -425,16 +264,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
     else:
         print(f"Resuming from step {start_step} ({workdir}).", flush=True)
-    per_step = images_per_step(config, algorithm)
+    per_step = train_state.images_per_step(config, algorithm)
     progress = metric_writers.Progress(config.train.total_steps, per_step, start_step)
     t = config.train
     num_epochs = math.ceil(t.total_steps / t.steps_per_epoch)
-    lr_fn = optim.cosine_schedule(
-        config.optim.lr,
-        t.total_steps,
-        warmup_steps=config.optim.warmup_steps,
-        num_cycles=config.optim.num_cycles,
-    )
     collection, accumulated, interval_start = None, None, start_step + 1
     elapsed_before = float(meta.get("train_seconds", 0.0))
     run_start = time.perf_counter()
@@ -451,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     try:
         for step in range(start_step, t.total_steps):
-            batch = shard_batch(next(data_iter), mesh)
+            batch = devices.shard_batch(next(data_iter), mesh)
             state, metrics = step_fn(state, batch, device_data)
             if collection is None:
                 collection = _metric_collection(sorted(metrics))
@@ -461,7 +294,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if done % t.log_every == 0 or done == t.total_steps:
                 values = {k: float(v) for k, v in accumulated.compute().items()}
                 _check_finite(values, interval_start, done, writer, manager.directory)
-                values["lr"] = float(lr_fn(step))  # lr used by the last update of the interval
+                # The lr of the interval's last update, from the schedule inside the optimizer.
+                values["lr"] = float(lr_schedule(step))
                 timing = progress.tick(done)
                 values.update(timing)
                 writer.write("train", done, values)
@@ -498,7 +332,7 @@ def _evaluate_epoch(state, done, *, model, data, config, writer, meta, workdir, 
     """EMA evaluation at an epoch end (§4.4): logs top-1/5, best and mean of the last N."""
     t = config.train
     epoch = math.ceil(done / t.steps_per_epoch)
-    result, arrays = evaluate(
+    result, arrays = inference.evaluate(
         model,
         state.ema_params,
         state.ema_batch_stats,
@@ -511,7 +345,7 @@ def _evaluate_epoch(state, done, *, model, data, config, writer, meta, workdir, 
     record = dict(
         result, epoch=epoch, best_top1=meta["best_top1"], mean_top1_last=meta["mean_top1_last"]
     )
-    peak = peak_device_memory_bytes()
+    peak = devices.peak_device_memory_bytes()
     if peak is not None:
         record["peak_device_memory_bytes"] = peak
     writer.write("eval", done, record)
@@ -537,21 +371,3 @@ def _save_epoch_embeddings(workdir, epoch, step, arrays, data) -> None:
         epoch=np.int32(epoch),
         step=np.int32(step),
     )
-
-
-def _abstract_params(model, config):
-    size = config.data.crop_size
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False)
-    )
-    return shapes["params"]
-
-
-def _param_count(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
-def dump_json(obj, path: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)

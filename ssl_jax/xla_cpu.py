@@ -1,4 +1,8 @@
-"""XLA:CPU settings that make ssl_jax's CPU training faster; called before jax starts.
+"""XLA:CPU settings that make ssl_jax's CPU training faster, and the default platform.
+
+`prefer_eigen_convolutions` runs before jax starts; `default_platform` is the one place
+ssl_jax asks which platform jax runs on, for the callers that choose a CPU formulation
+(`ssl_jax.models.get_model`, the triplet loss's anchor blocks) when none was given.
 
 jax 0.10's XLA:CPU hands convolutions to YNNPACK, which runs ResNet-18's 64-channel layers on
 one thread and its 2x2-map layers at 2-3 GFLOP/s. The flag below sends convolutions to Eigen
@@ -51,3 +55,10 @@ def prefer_eigen_convolutions(environ: dict | None = None) -> bool:
 def _backends_started() -> bool:
     xla_bridge = sys.modules.get("jax._src.xla_bridge")
     return bool(xla_bridge is not None and getattr(xla_bridge, "_backends", None))
+
+
+def default_platform() -> str:
+    """The platform jax computes on by default ("cpu", "gpu", "tpu"): `jax.default_backend`."""
+    import jax  # here: the rest of this module sets XLA flags and must not need jax
+
+    return jax.default_backend()

@@ -22,29 +22,64 @@ os.environ.setdefault(
 xla_cpu.prefer_eigen_convolutions()
 
 
+DATA_ENV = "SSL_JAX_DATA"
+DEFAULT_DATA = REPO.parent / "shared" / "data"  # beside the checkout, as on dev machines and CI
+
+
+def data_root() -> pathlib.Path:
+    """`$SSL_JAX_DATA` when it is set (it wins, even when it lacks a dataset), else the default."""
+    explicit = os.environ.get(DATA_ENV)
+    return pathlib.Path(explicit) if explicit else DEFAULT_DATA
+
+
 def shared_data_dir() -> pathlib.Path | None:
-    """`$SSL_JAX_DATA`, else ../shared/data beside the checkout (as on dev machines and CI)."""
-    candidates = [os.environ.get("SSL_JAX_DATA"), REPO.parent / "shared" / "data"]
-    for candidate in candidates:
-        if candidate and (pathlib.Path(candidate) / "ucm").is_dir():
-            return pathlib.Path(candidate)
-    return None
+    """The real-data folder (holding ucm/, and aid/ where present), or None when it has no ucm/.
+
+    An explicitly set `$SSL_JAX_DATA` is the only place looked at: a folder without ucm/ gives
+    None, never a silent fallback to the default beside the checkout.
+    """
+    root = data_root()
+    return root if (root / "ucm").is_dir() else None
+
+
+def require_data(*parts: str) -> pathlib.Path:
+    """`<data root>/<parts...>`, or skips the test saying what is missing and where it looked."""
+    root = data_root()
+    path = root.joinpath(*parts)
+    if not path.exists():
+        source = f"${DATA_ENV}" if os.environ.get(DATA_ENV) else f"the default ({DEFAULT_DATA})"
+        pytest.skip(
+            f"real data not found: {path} is missing; set {DATA_ENV} to the folder holding "
+            f"ucm/ and aid/ (looked in {source})"
+        )
+    return path
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
-    path = shared_data_dir()
-    if path is None:
-        pytest.skip("real data not found: set SSL_JAX_DATA to the folder holding ucm/ and aid/")
-    return path
+    """The real-data folder; skips when it has no ucm/."""
+    require_data("ucm")
+    return data_root()
+
+
+@pytest.fixture(scope="session")
+def aid_data(shared_data) -> pathlib.Path:
+    """`<data>/aid` (AID10 class folders); skips when absent."""
+    return require_data("aid")
+
+
+@pytest.fixture(scope="session")
+def originals_data(shared_data) -> pathlib.Path:
+    """`<data>/originals` (the original TIFF/JPEG files); skips when absent."""
+    return require_data("originals")
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _data_env():
     """Configs read $SSL_JAX_DATA for their default roots; point it at the shared data."""
     path = shared_data_dir()
-    if path is not None and "SSL_JAX_DATA" not in os.environ:
-        os.environ["SSL_JAX_DATA"] = str(path)
+    if path is not None and DATA_ENV not in os.environ:
+        os.environ[DATA_ENV] = str(path)
     yield
 
 

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import da_history
 
 import configs.base
 from ssl_jax.algorithms import ALGORITHMS, comatch, get_algorithm
@@ -144,7 +145,7 @@ def test_comatch_state_survives_orbax_round_trip(tmp_path):
     restored = checkpointer.restore(tmp_path / "state", jax.tree.map(jnp.zeros_like, state))
     chex.assert_trees_all_equal(restored, state)
     chex.assert_trees_all_equal_shapes_and_dtypes(restored, state)
-    np.testing.assert_array_equal(comatch.da_history(restored), comatch.da_history(state))
+    np.testing.assert_array_equal(da_history(restored), da_history(state))
 
 
 def test_smoothing_switches_on_after_queue_batch_under_one_compile():

@@ -15,26 +15,32 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from configs.base import get_config
 from ssl_jax.data import augment_device as ad
 from ssl_jax.data import augment_host as ah
+from ssl_jax.data import augment_spec as spec
+from ssl_jax.data import device_colour as dc
+from ssl_jax.data import device_geometry as dg
+from ssl_jax.data import device_randaugment as dr
+from ssl_jax.data import views
+from ssl_jax.data.on_device import make_augment_fn
 
-DATA = "/work/shared/data"
-TIF = f"{DATA}/originals/ucm/tenniscourt/tenniscourt14.tif"  # 247x256 -> (H, W) = (66, 64)
 FRAME = 66  # padded cache frame
 
 
 @pytest.fixture(scope="module")
-def images():
+def images(shared_data):
     """Four resized images: two 64x64 PNGs, the 66x64 TIFF resize and its 64x66 transpose."""
-    paths = sorted(glob.glob(f"{DATA}/ucm/*/*.png"))[::700][:2]
+    paths = sorted(glob.glob(f"{shared_data}/ucm/*/*.png"))[::700][:2]
     out = [np.asarray(PIL.Image.open(p).convert("RGB")) for p in paths]
-    tall = np.asarray(ah.resize_shorter(PIL.Image.open(TIF).convert("RGB")))
+    tif = shared_data / "originals/ucm/tenniscourt/tenniscourt14.tif"  # 247x256 -> (66, 64)
+    tall = np.asarray(ah.resize_shorter(PIL.Image.open(tif).convert("RGB")))
     assert tall.shape == (66, 64, 3)
     return out + [tall, np.ascontiguousarray(tall.transpose(1, 0, 2))]
 
 
 # One jitted function and one batch length for every stream call, so each stream compiles once.
-BATCH = jax.jit(ad.augment_batch, static_argnames=("stream", "n", "m", "cutout"))
+BATCH = jax.jit(ad.augment_batch, static_argnames=("stream", "params"))
 BATCH_LENGTH = 800
 MAGENTA = 4  # cache index of a flat (255, 0, 255) 64x64 image
 
@@ -71,10 +77,15 @@ def _check_equal(got, expected, what):
 # ----------------------------------------------------------------------------- ops, exact
 
 
-@pytest.mark.parametrize("name", ah.RANDAUGMENT_OPS)
+def test_both_backends_register_every_op_in_the_reference_order():
+    assert tuple(dr.RANDAUGMENT_FNS) == tuple(ah.RANDAUGMENT_FNS) == spec.RANDAUGMENT_OPS
+    assert dr.RANDAUGMENT_FNS["brightness"] is dc.brightness
+
+
+@pytest.mark.parametrize("name", spec.RANDAUGMENT_OPS)
 def test_randaugment_op_matches_pil(name, crops):
-    params = {ah.op_parameter(name, v, sign) for v in range(1, 10) for sign in (1, -1)}
-    op = jax.jit(getattr(ad, name))
+    params = {spec.op_parameter(name, v, sign) for v in range(1, 10) for sign in (1, -1)}
+    op = jax.jit(dr.RANDAUGMENT_FNS[name])
     for a in crops:
         for param in params:
             expected = _host(ah.RANDAUGMENT_FNS[name], a, param)
@@ -87,8 +98,8 @@ def test_blend_matches_pil_for_every_pixel_pair():
     """All 65,536 (degenerate, image) pairs for the RandAugment factors and jitter-like ones."""
     d = np.repeat(np.arange(256), 256).astype(np.uint8).reshape(256, 256, 1).repeat(3, -1)
     x = np.tile(np.arange(256), 256).astype(np.uint8).reshape(256, 256, 1).repeat(3, -1)
-    blend = jax.jit(ad._blend)
-    factors = [ah.op_parameter("brightness", v) for v in range(1, 10)]
+    blend = jax.jit(dc._blend)
+    factors = [spec.op_parameter("brightness", v) for v in range(1, 10)]
     factors += list(np.random.default_rng(0).uniform(0.6, 1.4, 12))
     for f in factors:
         expected = np.asarray(PIL.Image.blend(PIL.Image.fromarray(d), PIL.Image.fromarray(x), f))
@@ -104,8 +115,8 @@ def test_hsv_conversions_match_pil_for_every_value():
     triples = _all_triples().reshape(4096, 4096, 3)
     to_hsv = np.asarray(PIL.Image.fromarray(triples, "RGB").convert("HSV"))
     to_rgb = np.asarray(PIL.Image.fromarray(triples, "HSV").convert("RGB"))
-    rgb_to_hsv = jax.jit(ad.rgb_to_hsv)
-    hsv_to_rgb = jax.jit(ad.hsv_to_rgb)
+    rgb_to_hsv = jax.jit(dc.rgb_to_hsv)
+    hsv_to_rgb = jax.jit(dc.hsv_to_rgb)
     for rows in range(0, 4096, 1024):
         chunk = triples[rows : rows + 1024]
         _check_equal(rgb_to_hsv(chunk), to_hsv[rows : rows + 1024], "rgb->hsv")
@@ -114,12 +125,12 @@ def test_hsv_conversions_match_pil_for_every_value():
 
 def test_autocontrast_where_double_rounding_matters():
     """Channels spanning (lo, hi) pairs whose double LUT rounds below the exact value."""
-    keys = ad._autocontrast_corrections()
+    keys = dr._autocontrast_corrections()
     assert 1000 < len(keys) < 100_000
     pairs = np.unique(keys >> 8)  # lo << 8 | hi
     rng = np.random.default_rng(0)
     chosen = rng.choice(pairs, size=60, replace=False)
-    op = jax.jit(ad.auto_contrast)
+    op = jax.jit(dr.auto_contrast)
     for i in range(0, 60, 3):
         a = np.zeros((60, 60, 3), np.uint8)
         for c in range(3):
@@ -131,10 +142,10 @@ def test_autocontrast_where_double_rounding_matters():
 
 def test_grayscale_hue_and_jitter_match_host(crops):
     rng = np.random.default_rng(1)
-    jitter = jax.jit(ad.color_jitter)
-    hue = jax.jit(ad.adjust_hue)
+    jitter = jax.jit(dc.color_jitter)
+    hue = jax.jit(dc.adjust_hue)
     for a in crops:
-        _check_equal(ad.grayscale(a), _host(ah.grayscale, a), "grayscale")
+        _check_equal(dc.grayscale(a), _host(ah.grayscale, a), "grayscale")
         for h in np.float32([-0.1, -0.037, 0.0, 0.021, 0.0999]):
             _check_equal(hue(a, h), _host(ah.adjust_hue, a, float(h)), f"hue({h})")
         for _ in range(6):
@@ -146,7 +157,7 @@ def test_grayscale_hue_and_jitter_match_host(crops):
 
 
 def test_cutout_matches_host(crops):
-    cut = jax.jit(ad.cutout)
+    cut = jax.jit(dr.cutout)
     a = crops[0]
     for cx, cy in [(30.5, 20.2), (0.0, 0.0), (2.0, 59.99), (59.9, 59.9), (8.0, 51.5), (57.3, 1.7)]:
         _check_equal(cut(a, cx, cy), _host(ah.cutout, a, cx, cy), f"cutout({cx}, {cy})")
@@ -159,9 +170,9 @@ def test_flip_and_centre_crop_use_the_true_frame(images, cache):
     padded, sizes = cache
     for i, im in enumerate(images):
         h, w = im.shape[:2]
-        flipped = np.asarray(ad.hflip(padded[i], sizes[i]))
+        flipped = np.asarray(dg.hflip(padded[i], sizes[i]))
         np.testing.assert_array_equal(flipped[:h, :w], im[:, ::-1])
-        np.testing.assert_array_equal(ad.center_crop(padded[i], sizes[i]), ah.test_view(im))
+        np.testing.assert_array_equal(dg.center_crop(padded[i], sizes[i]), ah.test_view(im))
         np.testing.assert_array_equal(ad.test_view(padded[i], sizes[i]), ah.test_view(im))
 
 
@@ -175,7 +186,7 @@ def test_resized_crop_matches_pil_for_every_box_shape():
     tops = rng.integers(0, FRAME - shapes[:, 0] + 1)
     lefts = rng.integers(0, FRAME - shapes[:, 1] + 1)
     boxes = np.stack([tops, lefts, shapes[:, 0], shapes[:, 1]], 1).astype(np.int32)
-    crop = jax.jit(jax.vmap(lambda box: ad.resized_crop(frame, tuple(box))))
+    crop = jax.jit(jax.vmap(lambda box: dg.resized_crop(frame, tuple(box))))
     for start in range(0, len(boxes), 1100):
         got = np.asarray(crop(boxes[start : start + 1100])).astype(np.int64)
         for box, out in zip(boxes[start : start + 1100], got, strict=True):
@@ -188,7 +199,7 @@ def test_resized_crop_matches_pil_for_every_box_shape():
 def test_resized_crop_of_real_images_in_the_padded_cache(images, cache):
     padded, sizes = cache
     rng = np.random.default_rng(5)
-    crop = jax.jit(ad.resized_crop)
+    crop = jax.jit(dg.resized_crop)
     for i, im in enumerate(images):
         for _ in range(10):
             box = ah.sample_resized_crop_box(rng, *im.shape[:2])
@@ -198,14 +209,14 @@ def test_resized_crop_of_real_images_in_the_padded_cache(images, cache):
 
 def test_device_crop_box_sampler():
     keys = jax.random.split(jax.random.key(0), 3000)
-    sample = jax.jit(jax.vmap(lambda k: ad.sample_resized_crop_box(k, 64, 66)))
+    sample = jax.jit(jax.vmap(lambda k: dg.sample_resized_crop_box(k, 64, 66)))
     top, left, h, w = (np.asarray(v) for v in sample(keys))
     assert (h > 0).all() and (w > 0).all() and (top >= 0).all() and (left >= 0).all()
     assert (top + h <= 64).all() and (left + w <= 66).all()
     frac = h * w / (64 * 66)
     assert frac.min() > 0.16 and 0.5 < frac.mean() < 0.65
     assert (w / h).min() > 0.75 * 0.9 and (w / h).max() < 4 / 3 / 0.9
-    fallback = ad.sample_resized_crop_box(jax.random.key(1), 2, 200)
+    fallback = dg.sample_resized_crop_box(jax.random.key(1), 2, 200)
     assert tuple(int(v) for v in fallback) == ah.fallback_crop_box(2, 200)
 
 
@@ -241,21 +252,31 @@ def test_augment_batch_jits_once_and_vmaps(images, cache):
         np.testing.assert_array_equal(test[j], ah.test_view(images[i]))
 
 
-def test_make_views_shapes_and_independent_stream_keys(cache):
+def test_make_augment_fn_shapes_and_stream_keys(cache):
     padded, sizes = cache
-    x_index = jnp.array([0, 1, 2, 3], jnp.int32)
-    u_index = jnp.array([3, 2, 1, 0, 0, 1, 2, 3], jnp.int32)
-    shapes = jax.eval_shape(ad.make_views, jax.random.key(3), padded, sizes, x_index, u_index)
-    assert set(shapes) == {"x", "u_w", "u_s0", "u_s1"}
+    pool = {"images": padded, "sizes": sizes}
+    device_cache = {"labelled": pool, "unlabelled": pool}
+    batch = {
+        "x_index": jnp.array([0, 1, 2, 3], jnp.int32),
+        "u_index": jnp.array([3, 2, 1, 0, 0, 1, 2, 3], jnp.int32),
+    }
+    config = get_config()
+    key = jax.random.key(3)
+    shapes = jax.eval_shape(
+        make_augment_fn(config, views.UNLABELLED_VIEWS), key, batch, device_cache
+    )
+    assert set(shapes) == {"x", "u_w", "u_s0", "u_s1", "x_index", "u_index"}
     assert shapes["x"].shape == (4, 60, 60, 3)
-    for name in ("u_w", "u_s0", "u_s1"):
+    for name in views.UNLABELLED_VIEWS:
         assert shapes[name].shape == (8, 60, 60, 3) and shapes[name].dtype == jnp.uint8
-    # A view's key does not depend on which other views were asked for (cheap views here).
-    make = jax.jit(ad.make_views, static_argnames="views")
-    both = make(jax.random.key(3), padded, sizes, x_index, u_index, views=("x", "u_w"))
-    only = make(jax.random.key(3), padded, sizes, x_index, u_index, views=("u_w",))
-    np.testing.assert_array_equal(only["u_w"], both["u_w"])
-    assert set(both) == {"x", "u_w"}
+    # View v's key is fold_in(key, its device stream id), whichever other views were asked for.
+    weak = jax.jit(make_augment_fn(config, (views.WEAK,)))(key, batch, device_cache)
+    assert set(weak) == {"x", "u_w", "x_index", "u_index"}
+    stream_key = jax.random.fold_in(key, views.VIEWS[views.WEAK].device_stream)
+    expected = BATCH(stream_key, *cache, batch["u_index"], stream=views.WEAK)
+    np.testing.assert_array_equal(weak[views.WEAK], expected)
+    with pytest.raises(ValueError, match="unknown unlabelled views"):
+        make_augment_fn(config, ("x",))
 
 
 @pytest.fixture(scope="module")

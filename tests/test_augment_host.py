@@ -12,23 +12,26 @@ import PIL.ImageOps
 import pytest
 
 from ssl_jax.data import augment_host as ah
-
-DATA = "/work/shared/data"
-TIF = f"{DATA}/originals/ucm/tenniscourt/tenniscourt14.tif"  # 247x256 -> 64x66
+from ssl_jax.data import augment_spec as spec
 
 
 @pytest.fixture(scope="module")
-def crops():
+def tif(shared_data):
+    return shared_data / "originals/ucm/tenniscourt/tenniscourt14.tif"  # 247x256 -> 64x66
+
+
+@pytest.fixture(scope="module")
+def crops(shared_data, tif):
     """Three real 60x60 crops (two UCM PNGs and the non-square original's centre)."""
-    paths = sorted(glob.glob(f"{DATA}/ucm/*/*.png"))[::700][:2]
+    paths = sorted(glob.glob(f"{shared_data}/ucm/*/*.png"))[::700][:2]
     images = [PIL.Image.open(p).convert("RGB") for p in paths]
-    images.append(ah.resize_shorter(PIL.Image.open(TIF).convert("RGB")))
+    images.append(ah.resize_shorter(PIL.Image.open(tif).convert("RGB")))
     return [np.asarray(ah.center_crop(im)) for im in images]
 
 
 @pytest.fixture(scope="module")
-def wide_image():
-    return np.asarray(ah.resize_shorter(PIL.Image.open(TIF).convert("RGB")))
+def wide_image(tif):
+    return np.asarray(ah.resize_shorter(PIL.Image.open(tif).convert("RGB")))
 
 
 def _pil(a):
@@ -53,8 +56,8 @@ def _blend(d, x, f):
 # ----------------------------------------------------------------------------- resize / crops
 
 
-def test_resize_shorter_follows_torchvision_resize():
-    im = PIL.Image.open(TIF).convert("RGB")
+def test_resize_shorter_follows_torchvision_resize(tif):
+    im = PIL.Image.open(tif).convert("RGB")
     assert im.size == (247, 256)
     out = ah.resize_shorter(im)
     assert out.size == (64, int(64 * 256 / 247)) == (64, 66)
@@ -114,24 +117,26 @@ def test_magnitude_table_matches_spec():
     v = range(1, 10)
     factors = [0.14, 0.23, 0.32, 0.41, 0.50, 0.59, 0.68, 0.77, 0.86]
     for name in ("brightness", "color", "contrast", "sharpness"):
-        np.testing.assert_allclose([ah.op_parameter(name, i) for i in v], factors, atol=1e-12)
-    assert [ah.op_parameter("posterize", i) for i in v] == [4, 4, 5, 5, 6, 6, 6, 7, 7]
-    assert [ah.op_parameter("rotate", i) for i in v] == [3 * i for i in v]
-    assert [ah.op_parameter("rotate", i, -1) for i in v] == [-3 * i for i in v]
-    np.testing.assert_allclose([ah.op_parameter("shear_x", i) for i in v], [0.03 * i for i in v])
+        np.testing.assert_allclose([spec.op_parameter(name, i) for i in v], factors, atol=1e-12)
+    assert [spec.op_parameter("posterize", i) for i in v] == [4, 4, 5, 5, 6, 6, 6, 7, 7]
+    assert [spec.op_parameter("rotate", i) for i in v] == [3 * i for i in v]
+    assert [spec.op_parameter("rotate", i, -1) for i in v] == [-3 * i for i in v]
+    np.testing.assert_allclose([spec.op_parameter("shear_x", i) for i in v], [0.03 * i for i in v])
     np.testing.assert_allclose(
-        [ah.op_parameter("shear_y", i, -1) for i in v], [-0.03 * i for i in v]
+        [spec.op_parameter("shear_y", i, -1) for i in v], [-0.03 * i for i in v]
     )
-    assert [ah.op_parameter("solarize", i) for i in v] == [231, 205, 180, 154, 128, 103, 77, 52, 26]
-    assert [ah.op_parameter("translate_x", i) for i in v] == [1, 3, 5, 7, 9, 10, 12, 14, 16]
+    solarize = [231, 205, 180, 154, 128, 103, 77, 52, 26]
+    assert [spec.op_parameter("solarize", i) for i in v] == solarize
+    assert [spec.op_parameter("translate_x", i) for i in v] == [1, 3, 5, 7, 9, 10, 12, 14, 16]
     translations = [1, 3, 5, 7, 9, 10, 12, 14, 16]
-    assert [ah.op_parameter("translate_y", i, -1) for i in v] == [-t for t in translations]
+    assert [spec.op_parameter("translate_y", i, -1) for i in v] == [-t for t in translations]
     # The reference computes 9 * 0.3 / 10 = 0.26999999999999996 in double, so int(. * 100) is
     # 26, not 27: the table keeps the reference's float arithmetic, not the decimal value.
-    assert ah.op_parameter("translate_x", 9, 1, width=100) == int(9 * 0.3 / 10 * 100) == 26
+    assert spec.op_parameter("translate_x", 9, 1, width=100) == int(9 * 0.3 / 10 * 100) == 26
     for name in ("auto_contrast", "equalize", "identity"):
-        assert ah.op_parameter(name, 5) is None
-    assert len(ah.RANDAUGMENT_OPS) == 14 and set(ah.RANDAUGMENT_FNS) == set(ah.RANDAUGMENT_OPS)
+        assert spec.op_parameter(name, 5) is None
+    assert len(spec.RANDAUGMENT_OPS) == 14 and tuple(ah.RANDAUGMENT_FNS) == spec.RANDAUGMENT_OPS
+    assert all(ah.RANDAUGMENT_FNS[name] is getattr(ah, name) for name in spec.RANDAUGMENT_OPS)
 
 
 def test_colour_ops_against_numpy_formulas(crops):
@@ -313,14 +318,14 @@ def test_randaugment_draw_frequencies():
     applied = np.array(applied)
     sigma = math.sqrt(0.25 / applied.size)
     assert abs(applied.mean() - 0.5) < 4 * sigma
-    counts = np.array([names.count(n) for n in ah.RANDAUGMENT_OPS])
+    counts = np.array([names.count(n) for n in spec.RANDAUGMENT_OPS])
     expected = len(names) / 14
     assert (np.abs(counts - expected) < 5 * math.sqrt(expected)).all()
     # Magnitudes cover v = 1..9 only (Q11): the parameters are exactly the table's values.
     rotations = {abs(p) for n, p in params if n == "rotate"}
     assert rotations == {3 * v for v in range(1, 10)}
     solarize = {p for n, p in params if n == "solarize"}
-    assert solarize == {ah.op_parameter("solarize", v) for v in range(1, 10)}
+    assert solarize == {spec.op_parameter("solarize", v) for v in range(1, 10)}
     signs = [p > 0 for n, p in params if n == "translate_x"]
     assert 0.4 < np.mean(signs) < 0.6
     centres = np.array(centres)
@@ -337,6 +342,17 @@ def test_streams_shapes_and_non_square_input(wide_image):
             out = fn(wide_image, rng)
             assert out.shape == (60, 60, 3) and out.dtype == np.uint8, name
     assert ah.test_view(wide_image).shape == (60, 60, 3)
+
+
+def test_streams_and_test_view_honour_crop_size(wide_image):
+    params = spec.AugmentParams(crop_size=56)
+    for name in ah.STREAMS:
+        out = ah.view_fn(name, params)(wide_image, np.random.default_rng(0))
+        assert out.shape == (56, 56, 3) and out.dtype == np.uint8, name
+    # CenterCrop(56) of 66x64: top = round(5) = 5, left = round(4) = 4.
+    np.testing.assert_array_equal(ah.test_view(wide_image, crop_size=56), wide_image[5:61, 4:60])
+    strong0 = ah.view_fn("u_s0", spec.AugmentParams(randaugment_n=1, cutout=4))
+    assert strong0.keywords == {"crop_size": 60, "n": 1, "m": 10, "cutout": 4}
 
 
 def test_streams_are_deterministic_given_the_generator(wide_image):

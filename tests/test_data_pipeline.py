@@ -1,17 +1,22 @@
 """The training sampler and grain pipeline: pure in (seed, step), resume, workers, test batches."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs.base import get_config
 from ssl_jax.data import (
     ImageSet,
+    augment_device,
     augment_host,
+    device_augment_views,
     load_dataset,
     stream_indices,
     test_batches,
     train_iterator,
 )
+from ssl_jax.data.augment_spec import AugmentParams
 
 VIEWS = ("u_w", "u_s0", "u_s1")
 
@@ -199,3 +204,36 @@ def test_test_batches_pad_and_mask():
     # CenterCrop(60) of 64x66: top = round(2) = 2, left = round(3) = 3 (torchvision rounding).
     np.testing.assert_array_equal(batches[2]["image"][0], imageset.images[6][2:62, 3:63])
     assert not batches[-1]["image"][1:].any()
+
+
+def test_crop_size_is_honoured_by_host_device_and_test_views(data):
+    """--config.data.crop_size=56: every view of both paths and the test batches are 56 px."""
+    config = small_config()
+    config.data.crop_size = 56
+    host = next(train_iterator(data, config, views=VIEWS))
+    assert host["x"].shape == (4, 56, 56, 3)
+    for v in VIEWS:
+        assert host[v].shape == (8, 56, 56, 3)
+    indices = next(train_iterator(data, config, views=VIEWS, mode="indices"))
+    batch = {k: jnp.asarray(v) for k, v in indices.items()}
+    cache, augment_fn = device_augment_views(data, config, VIEWS)
+    shapes = jax.eval_shape(augment_fn, jax.random.key(0), batch, cache)
+    assert shapes["x"].shape == (4, 56, 56, 3)
+    for v in VIEWS:
+        assert shapes[v].shape == (8, 56, 56, 3)
+    pool = cache["unlabelled"]
+    weak = jax.jit(augment_device.augment_batch, static_argnames=("stream", "params"))(
+        jax.random.key(0),
+        pool["images"],
+        pool["sizes"],
+        batch["u_index"],
+        stream="u_w",
+        params=AugmentParams.from_config(config),
+    )
+    for j, i in enumerate(indices["u_index"]):  # CenterCrop(56) of 64x70, maybe flipped
+        crop = data.unlabelled.images[i][4:60, 7:63]
+        assert np.array_equal(weak[j], crop) or np.array_equal(weak[j], crop[:, ::-1])
+    for b in test_batches(data.labelled, 3, crop_size=56):
+        assert b["image"].shape == (3, 56, 56, 3)
+    first = next(test_batches(data.unlabelled, 2, crop_size=56))
+    np.testing.assert_array_equal(first["image"][0], data.unlabelled.images[0][4:60, 7:63])

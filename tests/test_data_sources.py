@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -261,12 +263,12 @@ def test_all_corrupt_files_listed_at_once(tmp_path):
     root = tiny_folder(tmp_path / "r")
     data = (root / "a" / "a0.png").read_bytes()
     (root / "a" / "a0.png").write_bytes(data[: len(data) // 2])  # truncated
-    (root / "b" / "b3.jpg").write_bytes(b"not a jpeg at all")
+    (root / "b" / "b9.jpg").write_bytes(b"not a jpeg at all")
     with pytest.raises(DataError) as e:
         load_dataset(
             make_config(root, split_lists="", classes=(), labels_per_class=1), workdir=None
         )
-    assert "a/a0.png" in str(e.value) and "b/b3.jpg" in str(e.value)
+    assert "a/a0.png" in str(e.value) and "b/b9.jpg" in str(e.value)
     assert "2 unreadable" in str(e.value)
 
 
@@ -359,3 +361,186 @@ def test_run_inspect_prints_json_last_and_draws(shared_data, tmp_path, capsys):
     with Image.open(tmp_path / "augmentations.png") as im:
         assert im.size[0] > 300 and im.size[1] > 300
     assert json.loads((tmp_path / "split.json").read_text())["split_hash"] == printed["split_hash"]
+
+
+# ------------------------------------------------------------------ images as users have them
+
+
+def write_tiff(path, arr, *, deflate=False):
+    """A minimal little-endian TIFF of a (H, W) or (H, W, 3) uint16/float32 array, one strip.
+
+    Pillow cannot write multi-band 16-bit TIFFs, which GDAL writes by default.
+    """
+    arr = np.ascontiguousarray(arr)
+    h, w = arr.shape[:2]
+    bands = 1 if arr.ndim == 2 else arr.shape[2]
+    data = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+    if deflate:
+        data = zlib.compress(data)
+    per_band = struct.pack(f"<{bands}H", *[arr.dtype.itemsize * 8] * bands)
+    formats = struct.pack(f"<{bands}H", *[3 if arr.dtype.kind == "f" else 1] * bands)
+    data_at, bits_at = 8, 8 + len(data)
+    formats_at = bits_at + len(per_band)
+    ifd_at = formats_at + len(formats)
+    ifd_at += ifd_at % 2
+
+    def short(tag, value):
+        return struct.pack("<HHIHH", tag, 3, 1, value, 0)
+
+    def long(tag, value):
+        return struct.pack("<HHII", tag, 4, 1, value)
+
+    def shorts(tag, at, value):
+        return struct.pack("<HHII", tag, 3, bands, at) if bands > 2 else short(tag, value)
+
+    entries = [
+        long(256, w),
+        long(257, h),
+        shorts(258, bits_at, arr.dtype.itemsize * 8),
+        short(259, 8 if deflate else 1),
+        short(262, 2 if bands == 3 else 1),
+        long(273, data_at),
+        short(277, bands),
+        long(278, h),
+        long(279, len(data)),
+        short(284, 1),
+        shorts(339, formats_at, 3 if arr.dtype.kind == "f" else 1),
+    ]
+    body = data + per_band + formats
+    body += b"\0" * (ifd_at - 8 - len(body))
+    ifd = struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", 0)
+    path.write_bytes(b"II*\0" + struct.pack("<I", ifd_at) + body + ifd)
+
+
+def test_unsupported_image_formats_are_listed_by_name_on_both_split_paths(tmp_path):
+    root = tiny_folder(tmp_path / "r")
+    picture = Image.fromarray(np.full((8, 8, 3), 90, np.uint8))
+    picture.save(root / "a" / "scan.bmp")
+    picture.save(root / "b" / "photo.webp")
+    picture.save(root / "b" / "anim.GIF")
+    (root / "c").mkdir()
+    picture.save(root / "c" / "only.bmp")  # a class folder holding only unsupported files
+    (root / "a" / "notes.txt").write_text("not an image")  # not image-like: skipped, counted
+    (tmp_path / "l_train.txt").write_text("x/a/a0.tif 0\nx/b/b0.tif 1\nx/c/only.tif 2")
+    (tmp_path / "l_test.txt").write_text("x/a/a1.tif 0\nx/b/b1.tif 1")
+    for split_lists in ("", str(tmp_path / "l")):
+        config = make_config(root, split_lists=split_lists, classes=(), labels_per_class=1)
+        with pytest.raises(DataError) as e:
+            load_dataset(config, workdir=None)
+        message = str(e.value)
+        assert message.startswith("4 file(s)")
+        for name in ("a/scan.bmp", "b/photo.webp", "b/anim.GIF", "c/only.bmp"):
+            assert name in message
+        assert "notes.txt" not in message and "Convert them to PNG" in message
+    os.remove(root / "a" / "scan.bmp")
+    with pytest.raises(DataError, match=r"1 file\(s\).*\n  c/only.bmp"):  # per-folder message
+        sources.scan_class_folder(str(root), "c")
+
+
+def test_float_tiff_in_unit_range_is_scaled_by_255(tmp_path):
+    values = np.random.default_rng(0).random((64, 64), np.float32)
+    Image.fromarray(values, "F").save(tmp_path / "f.tif")
+    out = load_image(str(tmp_path / "f.tif"))
+    expected = np.floor(values.astype(np.float64) * 255 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(out[..., 0], expected)
+    assert out.max() > 200  # not the all-black image of a plain convert("RGB")
+    Image.fromarray(values * 200, "F").save(tmp_path / "f255.tif")  # [0, 255]: used as is
+    np.testing.assert_array_equal(
+        load_image(str(tmp_path / "f255.tif"))[..., 1],
+        np.floor(values.astype(np.float64) * 200 + 0.5).astype(np.uint8),
+    )
+    Image.fromarray(values - 0.5, "F").save(tmp_path / "neg.tif")
+    with pytest.raises(DataError, match=r"neg.tif.*span \[-0.4.*gdal_translate"):
+        load_image(str(tmp_path / "neg.tif"))
+
+
+def test_12_bit_data_in_16_bit_tiffs_is_scaled_by_its_bit_depth(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 4096, (64, 64)).astype(np.uint16)
+    grey[0, 0] = 4095
+    Image.fromarray(grey).save(tmp_path / "g12.tif")  # Pillow writes I;16 grey
+    out = load_image(str(tmp_path / "g12.tif"))
+    np.testing.assert_array_equal(out[..., 0], np.floor(grey * (255 / 4095) + 0.5).astype(np.uint8))
+    assert out.max() == 255 and out.mean() > 100  # not very dark (x 255/65535)
+    rgb = rng.integers(0, 4096, (64, 64, 3)).astype(np.uint16)
+    rgb[0, 0, 0] = 4095
+    write_tiff(tmp_path / "rgb12.tif", rgb)  # Pillow alone would keep the top byte: max 15
+    out = load_image(str(tmp_path / "rgb12.tif"))
+    np.testing.assert_array_equal(out, np.floor(rgb * (255 / 4095) + 0.5).astype(np.uint8))
+    full = rgb.astype(np.uint16) * 16
+    write_tiff(tmp_path / "rgb16.tif", full)  # full 16-bit range: by 65535
+    np.testing.assert_array_equal(
+        load_image(str(tmp_path / "rgb16.tif")),
+        np.floor(full * (255 / 65535) + 0.5).astype(np.uint8),
+    )
+    write_tiff(tmp_path / "rgb12z.tif", rgb, deflate=True)  # compressed: refused, with a fix
+    with pytest.raises(DataError, match=r"rgb12z.tif.*top 8 bits.*COMPRESS=NONE"):
+        load_image(str(tmp_path / "rgb12z.tif"))
+    write_tiff(tmp_path / "rgbf.tif", rgb.astype(np.float32))  # Pillow cannot identify it
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    shutil.copy(tmp_path / "rgbf.tif", root / "a" / "x.tif")
+    with pytest.raises(DataError, match=r"(?s)a/x.tif.*float TIFFs.*gdal_translate"):
+        sources.load_folder_images(str(root), ["a/x.tif"], size=64, cache_dir=None)
+
+
+def test_same_stem_collisions_are_all_listed_on_both_split_paths(tmp_path):
+    root = tiny_folder(tmp_path / "r")
+    shutil.copy(root / "a" / "a0.png", root / "a" / "a0.tif")
+    shutil.copy(root / "b" / "b1.png", root / "b" / "b1.jpg")
+    (tmp_path / "l_train.txt").write_text("x/a/a2.tif 0\nx/b/b2.tif 1")
+    (tmp_path / "l_test.txt").write_text("x/a/a3.tif 0\nx/b/b3.tif 1")
+    for split_lists in ("", str(tmp_path / "l")):
+        config = make_config(root, split_lists=split_lists, classes=(), labels_per_class=1)
+        with pytest.raises(DataError) as e:
+            load_dataset(config, workdir=None)
+        message = str(e.value)
+        assert message.startswith("2 group(s)")
+        assert "a/a0.png, a/a0.tif" in message and "b/b1.jpg, b/b1.png" in message
+
+
+def test_same_name_in_sub_folders_is_fine_for_a_seeded_split(tmp_path):
+    root = tiny_folder(tmp_path / "r")
+    (root / "a" / "2020").mkdir()
+    shutil.copy(root / "a" / "a0.png", root / "a" / "2020" / "a0.png")
+    config = make_config(root, split_lists="", classes=(), labels_per_class=1)
+    data = load_dataset(config, workdir=None)
+    assert len(data.train) + len(data.test) == 9
+
+
+def test_a_failed_cache_write_leaves_no_tmp_file(tmp_path, monkeypatch, capsys):
+    root = tiny_folder(tmp_path / "r")
+    config = make_config(root, split_lists="", classes=(), labels_per_class=1, cache_dir="")
+    workdir = tmp_path / "run"
+
+    def disk_full(f, **arrays):
+        f.write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sources.np, "savez", disk_full)
+    data = load_dataset(config, workdir=str(workdir))
+    assert len(data.train) == 4 and data.info["cache"] == "decoded"
+    assert os.listdir(workdir / "cache") == []
+    assert "could not write the image cache" in capsys.readouterr().err
+
+
+def test_runs_on_own_data_are_named_after_it(tmp_path, monkeypatch):
+    from configs import base, ucm21_comatch_resnet18
+    from ssl_jax.data.protocols import dataset_name
+
+    monkeypatch.setenv("SSL_JAX_DATA", str(tmp_path / "shared"))
+    assert dataset_name(base.get_config().data) == "ucm10"  # the paper's lists
+    own = base.get_config()
+    own.data.root, own.data.split_lists, own.data.classes = str(tmp_path / "my_scenes/"), "", ()
+    assert dataset_name(own.data) == "my_scenes"
+    full = ucm21_comatch_resnet18.get_config()
+    assert dataset_name(full.data) == "ucm21"  # $SSL_JAX_DATA/ucm: the paper's folder
+    full.data.root = str(tmp_path / "other")
+    assert dataset_name(full.data) == "other"
+    full.data.name = "mine"  # a name the user chose is kept
+    assert dataset_name(full.data) == "mine"
+    own.data.source, own.data.tfds_name = "tfds", "eurosat/rgb"
+    assert dataset_name(own.data) == "eurosat/rgb"
+    root = tiny_folder(tmp_path / "tiny")
+    config = make_config(root, split_lists="", classes=(), labels_per_class=1)
+    assert load_dataset(config, workdir=None).summary()["dataset"] == "tiny"

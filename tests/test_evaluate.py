@@ -9,10 +9,12 @@ import importlib
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import tiny_run_config
+from conftest import REPO, tiny_run_config
 from PIL import Image
 
 from ssl_jax import checkpoint as checkpoint_lib
@@ -201,6 +203,38 @@ def test_eval_cli_prints_json_last_and_picks_the_requested_step(trained, capsys)
     cli.eval.step = "best"
     best = evaluate.evaluate_workdir(str(workdir), cli)
     assert best["top1"] == pytest.approx(max(r["top1"] for r in _eval_records(workdir)))
+
+
+def test_train_mode_evaluates_after_training_and_figures_false_skips_only_figures(
+    trained, tmp_path, capsys
+):
+    workdir, config, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(workdir / "checkpoints", copy / "checkpoints")
+    for name in ("config.json", "split.json", "metrics.jsonl"):
+        shutil.copy(workdir / name, copy / name)
+    cli = tiny_config(config.data.cache_dir)
+    cli.eval.figures = False
+    result = run.main("train", cli, str(copy))  # already at its last step: evaluation only
+    out = copy / "eval" / "8"
+    assert result["eval"]["step"] == 8 and result["eval"]["figures"] == []
+    assert (out / "metrics.json").exists() and (out / "predictions.npz").exists()
+    assert not list(out.glob("*.png")) and "tsne_perplexity" not in result["eval"]
+
+    shutil.rmtree(copy / "eval")
+    cli.eval.after_training = False
+    result = run.main("train", cli, str(copy))
+    assert "eval" not in result and not (copy / "eval").exists()
+    capsys.readouterr()
+
+
+def test_importing_evaluate_does_not_import_the_trainer():
+    code = "import sys, ssl_jax.evaluate; print('ssl_jax.train' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
 
 
 def test_bad_workdirs_and_steps_are_named(trained, tmp_path):

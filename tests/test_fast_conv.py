@@ -1,4 +1,10 @@
-"""The CPU-fast convolution and max-pool compute exactly what lax computes (values, gradients)."""
+"""The CPU convolution plans and max-pool compute exactly what lax computes (values, gradients),
+and the per-layer chooser picks only plans meant for the layer's shape."""
+
+import functools
+import importlib.metadata
+import itertools
+import os
 
 import flax.linen as nn
 import jax
@@ -6,7 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax.models import layers
+from ssl_jax import xla_cpu
+from ssl_jax.models import cpu_conv, layers
+
+ConvPlan = cpu_conv.ConvPlan
 
 # (input size, kernel, stride, padding, cin, cout): odd/even sizes, 1x1 / 3x3 / 7x7, s1 / s2,
 # and maps no larger than the kernel window (where "dense" is meant to run).
@@ -28,15 +37,77 @@ CASES = [
     (4, 3, 3, 2, 2, 2),
 ]
 
-# Uniform plans (plain autodiff of one formulation) and four mixed ones that between them
-# put every formulation in every slot of the custom VJP.
-PLANS = [
-    *layers.NAMED_PLANS.values(),
-    layers.ConvPlan("lax", "patches", "dense"),
-    layers.ConvPlan("patches", "dense", "taps"),
-    layers.ConvPlan("dense", "taps", "patches"),
-    layers.ConvPlan("taps", "lax", "lax"),
-]
+
+def _choose(kernel, stride, size, batch, library, padding=None):
+    padding = kernel // 2 if padding is None else padding
+    out = layers.conv_output_size(size, kernel, stride, padding)
+    return cpu_conv.choose_conv_plan(
+        "auto",
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        input_hw=(size, size),
+        output_shape=(batch, out, out),
+        library=library,
+    )
+
+
+def _meant_for(plan, kernel, in_hw, out_hw):
+    """Whether every part of ``plan`` runs in its formulation's domain (its docstring's).
+
+    dense: maps no larger than the kernel window (its cost grows with the map squared);
+    taps: kernels larger than 1x1 on maps of at most 8x8 (one matmul per tap, overhead per
+    tap); patches: outputs of at most `IM2COL_MAX_OUTPUT_PIXELS` (the im2col matrix is kh*kw
+    times the input); lax: anywhere.
+    """
+    taps, in_pixels, out_pixels = kernel * kernel, in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]
+    domains = {
+        "lax": True,
+        "dense": 1 < taps and in_pixels <= taps,
+        "taps": 1 < taps and in_pixels <= 64,
+        "patches": out_pixels <= cpu_conv.IM2COL_MAX_OUTPUT_PIXELS,
+    }
+    return all(domains[part] for part in plan)
+
+
+# The shapes the chooser is checked on: ResNet-18/50 and WRN layers at 32-224 px, odd maps,
+# tiny and large batches, both XLA:CPU convolution libraries.
+CHOOSER_SHAPES = list(
+    itertools.product(
+        (1, 3, 5, 7),  # kernel
+        (1, 2),  # stride
+        (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 30, 32, 56, 60, 112),  # input size
+        (1, 8, 56, 224, 256, 257, 704, 2048),  # batch
+        ("ynn", "eigen"),
+    )
+)
+CHOSEN_PLANS = sorted({_choose(*shape) for shape in CHOOSER_SHAPES})
+
+# Every named plan, every plan the chooser picks for some shape, and two mixed plans that
+# with those put every formulation in every slot of the custom VJP.
+PLANS = list(
+    dict.fromkeys(
+        [
+            *cpu_conv.NAMED_PLANS.values(),
+            *CHOSEN_PLANS,
+            ConvPlan("patches", "dense", "taps"),
+            ConvPlan("dense", "taps", "patches"),
+        ]
+    )
+)
+
+
+def _case_shapes(size, kernel, stride, padding):
+    in_hw = (size, size + 1)  # `_inputs` makes maps one column wider than tall
+    return in_hw, tuple(layers.conv_output_size(n, kernel, stride, padding) for n in in_hw)
+
+
+def _plans_for(size, kernel, stride, padding, cin, cout):
+    return [p for p in PLANS if _meant_for(p, kernel, *_case_shapes(size, kernel, stride, padding))]
+
+
+def conv_hybrid(x, kernel, strides, padding):
+    """lax forward and input gradient, the kernel gradient as one im2col matmul."""
+    return cpu_conv.conv(x, kernel, strides, padding, cpu_conv.NAMED_PLANS["hybrid"])
 
 
 def _inputs(size, kernel, cin, cout, batch=2, seed=0):
@@ -48,29 +119,34 @@ def _inputs(size, kernel, cin, cout, batch=2, seed=0):
 
 @pytest.mark.parametrize("size,kernel,stride,padding,cin,cout", CASES)
 def test_conv_plans_match_lax_values_and_gradients(size, kernel, stride, padding, cin, cout):
+    """Every plan meant for the shape computes lax's output, input and kernel gradients."""
+    plans = _plans_for(size, kernel, stride, padding, cin, cout)
     x, w = _inputs(size, kernel, cin, cout)
     strides, pads = (stride, stride), (padding, padding)
-    out_shape = layers.conv_lax(x, w, strides, pads).shape
     # A non-trivial cotangent: gradients of <conv(x, w), r> for a random r.
-    probe = jax.random.normal(jax.random.PRNGKey(7), out_shape)
+    probe = jax.random.normal(jax.random.PRNGKey(7), layers.conv_lax(x, w, strides, pads).shape)
 
-    def outputs_and_grads(x, w, plan):
+    def outputs_and_grads(x, w, conv):
         return (
-            layers.conv(x, w, strides, pads, plan),
-            *jax.grad(
-                lambda x, w: jnp.sum(layers.conv(x, w, strides, pads, plan) * probe),
-                argnums=(0, 1),
-            )(x, w),
+            conv(x, w),
+            *jax.grad(lambda x, w: jnp.sum(conv(x, w) * probe), argnums=(0, 1))(x, w),
         )
 
-    results = jax.jit(lambda x, w: [outputs_and_grads(x, w, plan) for plan in PLANS])(x, w)
-    expected = results[0]  # PLANS[0] is plain lax
-    assert layers.NAMED_PLANS["lax"] == PLANS[0]
-    for plan, result in zip(PLANS[1:], results[1:], strict=True):
+    def all_plans(x, w):
+        reference = outputs_and_grads(x, w, lambda x, w: layers.conv_lax(x, w, strides, pads))
+        planned = [
+            outputs_and_grads(
+                x, w, functools.partial(cpu_conv.conv, strides=strides, padding=pads, plan=plan)
+            )
+            for plan in plans
+        ]
+        return reference, planned
+
+    expected, results = jax.jit(all_plans)(x, w)
+    for plan, result in zip(plans, results, strict=True):
         for got, want in zip(result, expected, strict=True):
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=str(plan))
-    assert layers.conv_hybrid(x, w, strides, pads).shape == out_shape
 
 
 def test_conv_matches_numpy_direct_sum():
@@ -87,18 +163,58 @@ def test_conv_matches_numpy_direct_sum():
             expected[:, i, j, :] = np.einsum("nhwc,hwco->no", window, np.asarray(w))
     for impl in (
         layers.conv_lax,
-        layers.conv_patches,
-        layers.conv_dense,
-        layers.conv_taps,
-        layers.conv_hybrid,
+        cpu_conv.conv_patches,
+        cpu_conv.conv_dense,
+        cpu_conv.conv_taps,
+        conv_hybrid,
     ):
         np.testing.assert_allclose(impl(x, w, (2, 2), (1, 1)), expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", [*layers.CONV_IMPLS, layers.ConvPlan("dense", "patches", "lax")])
-def test_conv_module_matches_flax_conv(impl):
+def test_chooser_picks_only_plans_meant_for_the_shape():
+    """ "auto" keeps every formulation in its domain (`_meant_for`) for every shape."""
+    assert len(CHOOSER_SHAPES) > 1000
+    for kernel, stride, size, batch, library in CHOOSER_SHAPES:
+        plan = _choose(kernel, stride, size, batch, library)
+        out = layers.conv_output_size(size, kernel, stride, kernel // 2)
+        where = f"{plan} for {kernel}x{kernel}/{stride} on {size}x{size} x{batch} ({library})"
+        assert isinstance(plan, ConvPlan), where
+        assert _meant_for(plan, kernel, (size, size), (out, out)), where
+    # Each formulation is chosen somewhere, and the equivalence test runs each plan on
+    # several shapes of its domain.
+    assert set().union(*CHOSEN_PLANS) == set(cpu_conv.PART_IMPLS)
+    for plan in PLANS:
+        assert sum(plan in _plans_for(*case) for case in CASES) >= 3, plan
+
+
+def test_named_and_invalid_plans():
+    x, w = _inputs(4, 3, 2, 2)
+    for name, plan in cpu_conv.NAMED_PLANS.items():
+        chosen = cpu_conv.choose_conv_plan(
+            name, kernel_size=(3, 3), strides=(1, 1), input_hw=(4, 4), output_shape=(2, 4, 4)
+        )
+        assert chosen == plan
+    with pytest.raises(ValueError, match="conv_impl"):
+        cpu_conv.planned_conv(x, w, (1, 1), (1, 1), impl="cudnn")
+    with pytest.raises(ValueError, match="ConvPlan parts"):
+        cpu_conv.conv(x, w, (1, 1), (1, 1), ConvPlan("lax", "fft", "lax"))
+
+
+def _planned(impl):
+    return functools.partial(cpu_conv.planned_conv, impl=impl)
+
+
+@pytest.mark.parametrize(
+    "convolution",
+    [
+        layers.conv_lax,
+        *map(_planned, cpu_conv.PLAN_NAMES),
+        _planned(ConvPlan("dense", "patches", "lax")),
+    ],
+)
+def test_conv_module_matches_flax_conv(convolution):
     x, _ = _inputs(8, 3, 3, 4)
-    ours = layers.Conv(4, 3, strides=2, padding=1, conv_impl=impl)
+    ours = layers.Conv(4, 3, strides=2, padding=1, convolution=convolution)
     theirs = nn.Conv(4, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False)
     variables = ours.init(jax.random.PRNGKey(0), x)
     # Same parameter tree: one `kernel` leaf, HWIO.
@@ -110,7 +226,9 @@ def test_conv_module_matches_flax_conv(impl):
 
 def test_conv_module_bias_and_bf16():
     x, _ = _inputs(5, 3, 2, 3)
-    module = layers.Conv(3, 3, padding=1, use_bias=True, dtype=jnp.bfloat16, conv_impl="patches")
+    module = layers.Conv(
+        3, 3, padding=1, use_bias=True, dtype=jnp.bfloat16, convolution=_planned("patches")
+    )
     variables = module.init(jax.random.PRNGKey(0), x)
     assert variables["params"]["kernel"].dtype == jnp.float32
     assert variables["params"]["bias"].dtype == jnp.float32
@@ -128,78 +246,12 @@ def test_he_fan_out_init_std():
     assert float(jnp.max(jnp.abs(kernel))) > 2.5 * expected_std
 
 
-def test_choose_conv_plan_rules():
-    plans = layers.NAMED_PLANS
-
-    def choose(impl="auto", kernel=3, stride=1, size=16, batch=64, backend="cpu", lib="ynn"):
-        out = layers.conv_output_size(size, kernel, stride, kernel // 2)
-        return layers.choose_conv_plan(
-            impl,
-            kernel_size=(kernel, kernel),
-            strides=(stride, stride),
-            input_hw=(size, size),
-            output_shape=(batch, out, out),
-            backend=backend,
-            library=lib,
-        )
-
-    # Accelerators always use lax, whatever the shape or library.
-    assert choose(size=2, backend="gpu") == plans["lax"]
-    assert choose(kernel=1, backend="tpu", lib="eigen") == plans["lax"]
-    # Forced plans are respected, by name or as a ConvPlan.
-    assert choose("lax", size=2) == plans["lax"]
-    assert choose("patches", size=30) == plans["patches"]
-    custom = layers.ConvPlan("dense", "patches", "lax")
-    assert choose(custom) is custom
-    # Maps no larger than the 3x3 window (ResNet-18's layer4 at 60 px): dense on YNNPACK;
-    # on Eigen, per-tap matmuls forward and for the input gradient, dense kernel gradient.
-    assert choose(size=2) == plans["dense"]
-    assert choose(size=1, batch=704) == plans["dense"]
-    taps_dense = layers.ConvPlan("taps", "taps", "dense")
-    assert choose(size=2, lib="eigen") == taps_dense == choose(size=2, batch=704, lib="eigen")
-    # ...but a 1x1 conv on a 2x2 map is no window case.
-    assert choose(kernel=1, size=2) != plans["dense"]
-    assert "taps" not in choose(kernel=1, size=2, lib="eigen")
-    # Eigen, 3x3 convs on 4x4 inputs (ResNet-18's layer3 and layer4 strided): taps at up to
-    # 256 images; at 704 only the strided conv's input gradient keeps them.
-    taps_lax = layers.ConvPlan("taps", "taps", "lax")
-    assert choose(size=4, batch=56, lib="eigen") == taps_lax
-    assert choose(size=4, batch=704, lib="eigen") == plans["lax"]
-    assert choose(stride=2, size=4, batch=224, lib="eigen") == taps_lax
-    assert choose(stride=2, size=4, batch=704, lib="eigen") == layers.ConvPlan("lax", "taps", "lax")
-    # Strided input gradients keep taps up to 8x8 inputs (layer3's first conv), not at 15x15.
-    assert choose(stride=2, size=8, batch=704, lib="eigen").input_grad == "taps"
-    assert choose(stride=2, size=15, batch=56, lib="eigen").input_grad == "patches"
-    # YNNPACK: im2col for 1x1 convs, strided 3x3 convs and 2x2 outputs...
-    assert choose(kernel=1) == plans["patches"]
-    assert choose(stride=2, size=8) == plans["patches"]
-    assert choose(stride=2, size=4) == plans["patches"]
-    # ...the stem and small stride-1 convs stay on lax, large ones get the matmul kernel grad.
-    assert choose(kernel=7, stride=2, size=60) == plans["lax"]
-    assert choose(size=15) == plans["lax"]
-    assert choose(size=15, batch=704) == plans["hybrid"]
-    # Eigen: lax forward on larger maps, im2col input gradients for strided and 1x1 convs.
-    assert choose(size=15, batch=704, lib="eigen") == plans["lax"]
-    assert choose(stride=2, size=16, lib="eigen") == layers.ConvPlan("lax", "patches", "lax")
-    assert choose(kernel=1, lib="eigen") == layers.ConvPlan("lax", "patches", "patches")
-    # Large maps never build an im2col matrix (it would be 9x the activations).
-    for lib in ("ynn", "eigen"):
-        assert choose(size=32, batch=704, lib=lib) == plans["lax"]
-        assert choose(stride=2, size=60, lib=lib) == plans["lax"]
-    with pytest.raises(ValueError, match="conv_impl"):
-        choose("cudnn")
-    with pytest.raises(ValueError, match="ConvPlan parts"):
-        layers.conv(
-            jnp.zeros((1, 4, 4, 1)),
-            jnp.zeros((3, 3, 1, 1)),
-            (1, 1),
-            (1, 1),
-            layers.ConvPlan("lax", "fft", "lax"),
-        )
-
-
-def test_xla_cpu_conv_library_is_detected():
-    assert layers.xla_cpu_conv_library() in ("ynn", "eigen")
+def test_xla_cpu_conv_library_follows_the_flag():
+    """The probe sees the library XLA_FLAGS selects (conftest adds the Eigen flag where known)."""
+    if not importlib.metadata.version("jaxlib").startswith("0.10."):
+        pytest.skip("the YNNPACK/Eigen switch was measured on jaxlib 0.10 only")
+    flag_set = xla_cpu.EIGEN_CONVOLUTIONS_FLAG in os.environ.get("XLA_FLAGS", "")
+    assert cpu_conv.xla_cpu_conv_library() == ("eigen" if flag_set else "ynn")
 
 
 def _torch_style_max_pool_grad(x, grad_out, window=3, stride=2, padding=1):
@@ -222,15 +274,14 @@ def _torch_style_max_pool_grad(x, grad_out, window=3, stride=2, padding=1):
 @pytest.mark.parametrize("size", [6, 7, 30])
 def test_max_pool_values_and_gradient(size):
     x = jax.random.normal(jax.random.PRNGKey(size), (2, size, size, 3))
-    expected = layers.max_pool_lax(x)
-    for impl in ("patches", "auto", "lax"):
-        np.testing.assert_array_equal(layers.max_pool(x, impl=impl), expected)
+    expected = layers.max_pool(x)
+    np.testing.assert_array_equal(cpu_conv.max_pool_argmax(x), expected)
     probe = jax.random.normal(jax.random.PRNGKey(1), expected.shape)
-    grad = jax.jit(jax.grad(lambda x: jnp.sum(layers.max_pool_argmax(x) * probe)))(x)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(cpu_conv.max_pool_argmax(x) * probe)))(x)
     np.testing.assert_allclose(
         grad, _torch_style_max_pool_grad(np.asarray(x), np.asarray(probe)), rtol=1e-6
     )
-    grad_lax = jax.grad(lambda x: jnp.sum(layers.max_pool_lax(x) * probe))(x)
+    grad_lax = jax.grad(lambda x: jnp.sum(layers.max_pool(x) * probe))(x)
     np.testing.assert_allclose(grad, grad_lax, rtol=1e-6)  # no ties in random data
 
 
@@ -239,7 +290,7 @@ def test_max_pool_ties_go_to_first_maximum():
     x = np.zeros((1, 6, 6, 1), np.float32)
     x[0, 2, 3, 0] = x[0, 3, 2, 0] = 1.0  # a tie between two taps of one window
     grad_out = np.arange(1, 10, dtype=np.float32).reshape(1, 3, 3, 1)
-    grad = jax.grad(lambda x: jnp.sum(layers.max_pool_argmax(x) * grad_out))(jnp.asarray(x))
+    grad = jax.grad(lambda x: jnp.sum(cpu_conv.max_pool_argmax(x) * grad_out))(jnp.asarray(x))
     np.testing.assert_array_equal(grad, _torch_style_max_pool_grad(x, grad_out))
     assert float(jnp.sum(grad)) == pytest.approx(float(grad_out.sum()))  # nothing split
 
@@ -247,8 +298,8 @@ def test_max_pool_ties_go_to_first_maximum():
 def test_max_pool_pads_with_minus_infinity():
     # All-negative input: zero padding would make border outputs 0; -inf padding does not.
     x = -1.0 - jax.random.uniform(jax.random.PRNGKey(0), (1, 4, 4, 2))
-    for impl in ("lax", "patches"):
-        pooled = layers.max_pool(x, impl=impl)
+    for pool in (layers.max_pool, cpu_conv.max_pool_argmax):
+        pooled = pool(x)
         assert pooled.shape == (1, 2, 2, 2)
         assert float(jnp.max(pooled)) < -1.0
         np.testing.assert_array_equal(pooled[0, 0, 0], jnp.max(x[0, :2, :2], axis=(0, 1)))

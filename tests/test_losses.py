@@ -88,8 +88,8 @@ def test_triplet_valid_count_closed_form_and_single_compile_at_paper_batch():
         assert grad.shape == (224, 64) and np.all(np.isfinite(np.asarray(grad)))
 
 
-def test_triplet_blocked_cpu_path_equals_one_block_and_numpy(monkeypatch):
-    """B = 100 (blocks of 8 plus a remainder) against one block and a vectorised NumPy §6."""
+def test_triplet_anchor_blocks_equal_one_block_and_numpy():
+    """B = 100 in anchor blocks (8 plus a remainder, 7, 100) against a vectorised NumPy §6."""
     rng = np.random.default_rng(3)
     b = 100
     assert b >= losses.TRIPLET_BLOCKED_MIN_BATCH and b % losses.TRIPLET_ANCHOR_BLOCK
@@ -108,26 +108,28 @@ def test_triplet_blocked_cpu_path_equals_one_block_and_numpy(monkeypatch):
     expected_loss = float(per_triplet[keep].astype(np.float64).sum() / n_kept)
     expected_grad = (keep.sum(axis=1) - keep.sum(axis=2)) / n_kept
 
-    def run():
+    def run(anchor_block):
         loss_and_grad = jax.value_and_grad(
             lambda s: losses.semihard_triplet_loss_from_similarity(
-                similarity=s, labels=jnp.asarray(labels)
+                similarity=s, labels=jnp.asarray(labels), anchor_block=anchor_block
             ),
             has_aux=True,
         )
         return jax.jit(loss_and_grad)(jnp.asarray(sim))
 
-    (loss, stats), grad = run()
-    monkeypatch.setattr(losses, "TRIPLET_BLOCKED_MIN_BATCH", 10**9)
-    (loss_one, stats_one), grad_one = run()
-
     assert n_kept > 1000
+    (loss, stats), grad = run(losses.TRIPLET_ANCHOR_BLOCK)
     np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=1e-5, atol=1e-9)
     assert [int(x) for x in stats] == [int(valid.sum()), int(mined.sum()), n_kept, 0]
-    assert [int(x) for x in stats_one] == [int(x) for x in stats]
-    np.testing.assert_allclose(float(loss_one), float(loss), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(grad_one), np.asarray(grad), rtol=1e-6, atol=1e-9)
+    for anchor_block in (7, b):
+        (loss_other, stats_other), grad_other = run(anchor_block)
+        assert [int(x) for x in stats_other] == [int(x) for x in stats]
+        np.testing.assert_allclose(float(loss_other), float(loss), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(grad_other), np.asarray(grad), rtol=1e-6, atol=1e-9)
+    # The default blocks on CPU only: an accelerator takes the batch in one block.
+    assert losses.default_triplet_anchor_block(b, platform="cpu") == losses.TRIPLET_ANCHOR_BLOCK
+    assert losses.default_triplet_anchor_block(b, platform="gpu") == b
 
 
 @pytest.mark.parametrize(
@@ -204,8 +206,6 @@ def test_triplet_exact_ties_are_counted_and_not_mined():
     _, valid, mined, _, ties = numpy_triplet(sim, labels)
     assert int(stats.ties) == ties >= 1
     assert int(stats.mined) == mined and int(stats.valid) == valid
-    masks = losses.semihard_triplet_masks(similarity=jnp.asarray(sim), labels=labels, margin=0.2)
-    assert not np.any(np.asarray(masks.mined & masks.ties))
 
 
 # -------------------------------------------------------------------- classification

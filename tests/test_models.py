@@ -2,13 +2,14 @@
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from ssl_jax.models import MODELS, get_model, layers
+from ssl_jax.models import CPU_PLANS, MODELS, conv_layers, cpu_conv, get_model, layers
 
 TINY_WIDTH = 0.125
 
@@ -231,13 +232,20 @@ def test_wrn_dead_batch_norm_quirk():
     )
 
 
-def test_conv_implementations_agree_in_the_model(tiny_resnet18):
-    """A train-mode forward + backward through ResNet-18 is the same whichever conv_impl."""
-    _, variables, images = tiny_resnet18
+def test_cpu_built_models_have_the_lax_parameters_and_function(tiny_resnet18):
+    """Checkpoints move between platforms: a model built with CPU plans has the lax-built
+    model's parameter tree (same initial values) and computes the same function (a
+    train-mode forward + backward), whichever conv_impl."""
+    _, variables, images = tiny_resnet18  # default build: CPU plans on a CPU machine
+    lax_model = get_model("resnet18", 4, 8, width=TINY_WIDTH, platform="cuda")
+    chex.assert_trees_all_equal(
+        jax.jit(lambda x: lax_model.init(jax.random.PRNGKey(0), x, train=False))(images),
+        variables,
+    )
     results = []
-    impls = ("lax", "patches", "taps", "auto")
-    for impl in impls:
-        model = get_model("resnet18", 4, 8, width=TINY_WIDTH, conv_impl=impl)
+    builds = [("cuda", "auto"), ("cpu", "patches"), ("cpu", "taps"), ("cpu", "auto")]
+    for platform, impl in builds:
+        model = get_model("resnet18", 4, 8, width=TINY_WIDTH, conv_impl=impl, platform=platform)
 
         def loss(params, model=model):
             (logits, z), _ = model.apply(
@@ -250,13 +258,87 @@ def test_conv_implementations_agree_in_the_model(tiny_resnet18):
 
         results.append(jax.jit(jax.value_and_grad(loss))(variables["params"]))
     reference = results[0]
-    for impl, result in zip(impls[1:], results[1:], strict=True):
-        np.testing.assert_allclose(result[0], reference[0], rtol=1e-4, err_msg=impl)
+    for build, result in zip(builds[1:], results[1:], strict=True):
+        np.testing.assert_allclose(result[0], reference[0], rtol=1e-4, err_msg=str(build))
         # Float32 summation order differs; a 4-image BatchNorm amplifies that, so compare
         # each gradient leaf relative to its own scale.
         leaves = zip(jax.tree.leaves(result[1]), jax.tree.leaves(reference[1]), strict=True)
         for a, b in leaves:
-            assert float(jnp.max(jnp.abs(a - b))) <= 1e-3 * float(jnp.max(jnp.abs(b))) + 1e-6, impl
+            assert float(jnp.max(jnp.abs(a - b))) <= 1e-3 * float(jnp.max(jnp.abs(b))) + 1e-6, build
+
+
+def _cpu_plans_raise(monkeypatch):
+    """Replaces every entry point of the CPU formulations with one that raises."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a CPU formulation was used")
+
+    for name in ("planned_conv", "conv", "choose_conv_plan", "xla_cpu_conv_library"):
+        monkeypatch.setattr(cpu_conv, name, forbidden)
+    for name in ("max_pool_argmax", "conv_patches", "conv_dense", "conv_taps"):
+        monkeypatch.setattr(cpu_conv, name, forbidden)
+
+
+def _train_grad(model):
+    def loss(variables, images):
+        (logits, z), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        return jnp.sum(logits) + jnp.sum(z)
+
+    return jax.grad(loss)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "wrn28_2"])
+def test_model_built_for_cuda_holds_no_cpu_plan_and_exports_for_cuda(name, monkeypatch):
+    """Whatever machine traces it, a model built for a GPU uses lax convolutions only."""
+    _cpu_plans_raise(monkeypatch)
+    with pytest.raises(AssertionError, match="CPU formulation"):  # the spy sees CPU builds
+        cpu_model = get_model(name, 4, 8, width=TINY_WIDTH, conv_impl="patches", platform="cpu")
+        jax.eval_shape(lambda: cpu_model.init(jax.random.PRNGKey(0), _images(2, 32), train=False))
+    model = get_model(name, 4, 8, width=TINY_WIDTH, platform="cuda")
+    images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+    exported = jax.export.export(jax.jit(_train_grad(model)), platforms=("cuda",))(
+        variables, images
+    )
+    assert exported.platforms == ("cuda",)
+    num_convs = sum(leaf.ndim == 4 for leaf in jax.tree.leaves(variables["params"]))
+    # Forward, input gradient (but not for the stem, whose input is the images) and kernel
+    # gradient of each convolution.
+    assert exported.mlir_module().count("stablehlo.convolution") == 3 * num_convs - 1
+
+
+def test_cpu_plans_are_visible_in_the_program_and_absent_from_a_cuda_build():
+    """The same check without spies: CPU-built programs hold custom VJPs and fewer lax
+    convolutions; the cuda build holds one lax convolution per layer and no custom VJP."""
+
+    def program(platform, impl="auto"):
+        model = get_model("resnet18", 4, 8, width=TINY_WIDTH, conv_impl=impl, platform=platform)
+        images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+        variables = jax.eval_shape(
+            lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images
+        )
+        forward = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=True, mutable=True))
+        text = str(forward(variables, images))
+        return text, sum(leaf.ndim == 4 for leaf in jax.tree.leaves(variables["params"]))
+
+    cuda, num_convs = program("cuda")
+    assert cuda.count("conv_general_dilated[") == num_convs == 20
+    assert "custom_vjp" not in cuda and "reduce_window_max" in cuda
+    cpu, _ = program("cpu")
+    assert "custom_vjp" in cpu  # the stem max-pool at least
+    patches, _ = program("cpu", "patches")
+    assert "conv_general_dilated[" not in patches
+
+
+def test_conv_layers_refuses_cpu_plans_off_the_cpu():
+    for plan in CPU_PLANS:
+        with pytest.raises(ValueError, match="CPU formulation"):
+            get_model("resnet18", 4, conv_impl=plan, platform="cuda")
+        conv_layers(plan, "cpu")  # accepted there
+    with pytest.raises(ValueError, match="conv_impl"):
+        conv_layers("cudnn", "cpu")
+    assert conv_layers("auto", "tpu") == conv_layers("lax", "cpu") == (layers.Conv, layers.max_pool)
+    assert conv_layers("auto", "cpu")[1] is cpu_conv.max_pool_argmax
 
 
 def test_initialisation_statistics():
@@ -322,9 +404,3 @@ def test_bfloat16_path(tiny_resnet18):
     np.testing.assert_allclose(
         logits_16, logits_32, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(logits_32)))
     )
-
-
-def test_model_max_pool_uses_minus_infinity_padding():
-    x = -1.0 - jax.random.uniform(jax.random.PRNGKey(0), (1, 6, 6, 2))
-    for impl in ("lax", "patches", "auto"):
-        assert float(jnp.max(layers.max_pool(x, impl=impl))) < -1.0

@@ -44,7 +44,8 @@ def test_first_sgd_step_matches_pytorch_formula():
             num_cycles=7 / 16,
         )
     )
-    tx = optim.make_optimizer(cfg, 100, params)
+    tx, schedule = optim.make_optimizer(cfg, 100, params)
+    assert float(schedule(0)) == np.float32(0.1)  # the schedule inside tx: lr of update 0
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
     updates, _ = tx.update(grads, tx.init(params), params)
     new = optax.apply_updates(params, updates)
@@ -61,6 +62,20 @@ def test_schedule_never_reaches_zero_and_warms_up():
     np.testing.assert_allclose(
         [float(w(0)), float(w(5)), float(w(10))], [0, 0.015, 0.03], rtol=1e-6
     )
+
+
+def test_returned_schedule_is_the_one_the_optimizer_steps_with():
+    """Plain SGD (no momentum, no decay) on gradient 1 moves each parameter by -lr(k)."""
+    cfg = ConfigDict(
+        dict(lr=0.2, momentum=0.0, nesterov=False, weight_decay=0.0, warmup_steps=3, num_cycles=0.5)
+    )
+    params = {"w": jnp.zeros(())}
+    tx, schedule = optim.make_optimizer(cfg, 10, params)
+    state = tx.init(params)
+    for k in range(10):
+        updates, state = tx.update({"w": jnp.ones(())}, state, params)
+        np.testing.assert_allclose(float(updates["w"]), -float(schedule(k)), rtol=1e-6)
+    assert float(schedule(1)) != float(schedule(5))  # warm-up and decay: the lr does change
 
 
 def test_ema_update_is_a_plain_average():

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from ssl_jax import optim, train
-from ssl_jax.algorithms import get_algorithm
+from ssl_jax import devices, train, train_state
 from ssl_jax.data import train_iterator
 from ssl_jax.data.synthetic import synthetic_dataset
 
@@ -26,22 +25,19 @@ def tiny_setup(algorithm_name="comatch_triplet", precision="float32"):
     config.precision = precision
     config.data.workers = 0
     config.train.total_steps = 100
-    algorithm = get_algorithm(algorithm_name)
     data = synthetic_dataset(num_unlabelled=64, num_labelled=40)
-    model = train.build_model(config, 10, algorithm)
-    tx = optim.make_optimizer(config.optim, 100, train._abstract_params(model, config))
-    state = train.create_train_state(config, model, algorithm, tx, 10)
+    model, algorithm, tx, _, state = train_state.setup(config, 10)
     batches = train_iterator(data, config, views=algorithm.unlabelled_views)
     return config, algorithm, model, tx, state, batches
 
 
 def run_steps(config, algorithm, model, tx, state, batches, n, mesh=None):
-    mesh = mesh or train.make_mesh(jax.local_devices()[:1])
+    mesh = mesh or devices.make_mesh(jax.local_devices()[:1])
     step = train.make_train_step(config, model, algorithm, tx, None, mesh)
-    state = train.replicate(jax.tree.map(np.asarray, state), mesh)
+    state = devices.replicate(jax.tree.map(np.asarray, state), mesh)
     history = []
     for batch in batches[:n]:
-        state, metrics = step(state, train.shard_batch(batch, mesh), None)
+        state, metrics = step(state, devices.shard_batch(batch, mesh), None)
         history.append({k: float(v) for k, v in metrics.items()})
     return state, history
 
@@ -79,14 +75,14 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
     from test_parallel_precision import run_steps, tiny_setup
-    from ssl_jax import train
+    from ssl_jax import devices
     assert jax.local_device_count() == 4, jax.local_devices()
     config, algorithm, model, tx, state, it = tiny_setup()
     batches = [next(it) for _ in range(3)]
     one, h1 = run_steps(config, algorithm, model, tx, state, batches, 3)
-    mesh = train.make_mesh()
+    mesh = devices.make_mesh()
     four, h4 = run_steps(config, algorithm, model, tx, state, batches, 3, mesh)
-    sharded = train.shard_batch(batches[0], mesh)
+    sharded = devices.shard_batch(batches[0], mesh)
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                          one, four)
     print(json.dumps({{"h1": h1, "h4": h4, "max_state_diff": max(jax.tree.leaves(diffs)),

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from helpers import da_history, state_from_reference
 
 import configs.base
 from ssl_jax import losses, optim
@@ -258,7 +259,7 @@ def check_comatch_step(fx: Fixture, algorithm_name: str):
     b, mu = fx.scalar("batch_size"), fx.scalar("mu")
     bu = mu * b
     assert fx["queue_feats_in"].shape[0] == comatch.queue_size(cfg, batch_size=b, mu=mu)
-    state = comatch.state_from_reference(
+    state = state_from_reference(
         queue_feats=fx["queue_feats_in"],
         queue_probs=fx["queue_probs_in"],
         queue_ptr=fx["queue_ptr_in"],
@@ -293,7 +294,7 @@ def check_comatch_step(fx: Fixture, algorithm_name: str):
     assert_close(new_state["queue_feats"], fx["queue_feats_out"], PROB_TOL, "queue_feats_out")
     assert_close(new_state["queue_probs"], fx["queue_probs_out"], PROB_TOL, "queue_probs_out")
     assert_exact(new_state["queue_ptr"], fx["queue_ptr_out"], "queue_ptr_out")
-    hist = comatch.da_history(new_state)
+    hist = da_history(new_state)
     assert hist.shape == fx["prob_hist_out"].shape
     assert_close(hist, fx["prob_hist_out"], PROB_TOL, "prob_hist_out")
     if algorithm_name == "comatch_triplet":
@@ -479,8 +480,7 @@ def check_sgd_ema(fx: Fixture):
     optim_cfg.weight_decay = fx.scalar("cfg_weight_decay")
     optim_cfg.warmup_steps = 0
     total_steps = fx.scalar("total_steps")
-    tx = optim.make_optimizer(optim_cfg, total_steps, params)
-    schedule = optim.cosine_schedule(optim_cfg.lr, total_steps, num_cycles=optim_cfg.num_cycles)
+    tx, schedule = optim.make_optimizer(optim_cfg, total_steps, params)  # the schedule tx uses
     opt_state = tx.init(params)
     ema_params = params
     ema_decay = fx.scalar("cfg_ema_decay")

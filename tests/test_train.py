@@ -16,7 +16,7 @@ import pytest
 from conftest import tiny_run_config
 
 from ssl_jax import checkpoint as checkpoint_lib
-from ssl_jax import evaluate, metric_writers, train
+from ssl_jax import evaluate, metric_writers, train, train_state
 from ssl_jax.algorithms import get_algorithm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -31,11 +31,16 @@ def records(workdir, kind):
     return [r for r in metric_writers.read_metrics(str(workdir)) if r["kind"] == kind]
 
 
-def test_supervised_run_logs_checkpoints_and_evaluates(tmp_path, cache_dir):
+def test_supervised_run_logs_checkpoints_and_evaluates(tmp_path, cache_dir, monkeypatch):
     config = tiny_run_config("ucm10_supervised", cache_dir)
-    train.TRACE_COUNTS.clear()
+    made = []  # every jitted step the loop builds
+    make_train_step = train.make_train_step
+    monkeypatch.setattr(
+        train, "make_train_step", lambda *a, **k: made.append(make_train_step(*a, **k)) or made[-1]
+    )
     meta = train.train_and_evaluate(config, str(tmp_path))
-    assert train.TRACE_COUNTS["train_step"] == 1  # jitted once, never retraced in the loop
+    # Jitted once, never retraced in the loop: one function, one compiled signature.
+    assert len(made) == 1 and made[0]._cache_size() == 1
 
     logged = records(tmp_path, "train")
     assert [r["step"] for r in logged] == [2, 4, 6, 8]
@@ -116,7 +121,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
         return loss * jnp.where(step >= 5, jnp.nan, 1.0), aux
 
     monkeypatch.setattr(
-        train,
+        train_state,
         "get_algorithm",
         lambda name: dataclasses.replace(supervised, loss_from_outputs=poisoned),
     )
@@ -150,7 +155,7 @@ def _launch(workdir, *extra):
         "--config.train.steps_per_epoch=16",
         "--config.train.checkpoint_every=16",
         "--config.train.log_every=8",
-        "--config.eval.figures=False",
+        "--config.eval.after_training=False",
         *extra,
     ]
 
@@ -204,6 +209,27 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path, cache_d
     with pytest.raises(checkpoint_lib.CheckpointError, match="data changed"):
         train.train_and_evaluate(config, str(tmp_path))
     assert (tmp_path / "split.json").read_text() == split_before
+
+
+def test_resume_fills_config_keys_added_since_with_their_defaults(tmp_path):
+    """A config.json written before a key existed resumes at the key's base.py default."""
+    from configs import base
+
+    config = base.get_config("smoke")
+    (tmp_path / "checkpoints").mkdir()
+    saved = json.loads(config.to_json_best_effort())
+    del saved["optim"]["nesterov"]  # as if written before optim.nesterov was added
+    del saved["eval"]["after_training"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    checkpoint_lib.check_config_compatible(config, str(tmp_path))  # default: compatible
+    assert checkpoint_lib.load_saved_config(str(tmp_path)).optim.nesterov is True
+    config.optim.nesterov = False  # not the default the old run trained with
+    with pytest.raises(checkpoint_lib.CheckpointError, match="optim.nesterov: saved True"):
+        checkpoint_lib.check_config_compatible(config, str(tmp_path))
+    config.optim.nesterov = True
+    config.optim.momentum = 0.5  # a key the old config has is still compared as before
+    with pytest.raises(checkpoint_lib.CheckpointError, match="optim.momentum"):
+        checkpoint_lib.check_config_compatible(config, str(tmp_path))
 
 
 @pytest.mark.parametrize(

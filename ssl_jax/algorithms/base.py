@@ -59,3 +59,21 @@ class Algorithm:
     # init_state(cfg, *, num_classes, low_dim, batch_size, mu) -> fixed-shape state pytree.
     init_state: Callable[..., AlgorithmState]
     loss_from_outputs: LossFromOutputs
+
+
+def stateless_init_state(
+    cfg: ml_collections.ConfigDict, *, num_classes: int, low_dim: int, batch_size: int, mu: int
+) -> AlgorithmState:
+    """`init_state` of a method without state (supervised, FixMatch): ``{}``."""
+    del cfg, num_classes, low_dim, batch_size, mu
+    return {}
+
+
+def split_views(x: jax.Array, batch_size: int, num_views: int) -> list[jax.Array]:
+    """Splits ``[x (B) ; view_1 (Bu) ; ... ; view_V (Bu)]`` along the batch axis."""
+    bu = (x.shape[0] - batch_size) // num_views
+    if batch_size + num_views * bu != x.shape[0]:
+        raise ValueError(f"{x.shape[0]} rows do not split into B={batch_size} + {num_views}*Bu")
+    return [x[:batch_size]] + [
+        x[batch_size + v * bu : batch_size + (v + 1) * bu] for v in range(num_views)
+    ]

@@ -7,19 +7,17 @@ step jits once. The extensions only add a term on the strong0 embeddings.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from ssl_jax import losses
 from ssl_jax.algorithms import ccssl
-from ssl_jax.algorithms.base import Algorithm, AlgorithmState, Metrics
-
-UNLABELLED_VIEWS = ("u_w", "u_s0", "u_s1")
+from ssl_jax.algorithms.base import Algorithm, AlgorithmState, Metrics, split_views
+from ssl_jax.data.views import UNLABELLED_VIEWS
 
 
 def queue_size(cfg: ml_collections.ConfigDict, *, batch_size: int, mu: int) -> int:
@@ -39,40 +37,6 @@ def init_state(
         "prob_hist": jnp.zeros((cfg.da_len, num_classes), jnp.float32),
         "prob_hist_len": jnp.zeros((), jnp.int32),
     }
-
-
-def state_from_reference(
-    *, queue_feats, queue_probs, queue_ptr, prob_hist, da_len: int
-) -> AlgorithmState:
-    """Builds the state from the reference's bank and oldest-first DA history list."""
-    prob_hist = np.asarray(prob_hist, np.float32)
-    h, c = prob_hist.shape
-    if h > da_len:
-        raise ValueError(f"DA history has {h} entries, more than da_len={da_len}")
-    buffer = np.zeros((da_len, c), np.float32)
-    buffer[:h] = prob_hist
-    return {
-        "queue_feats": jnp.asarray(queue_feats, jnp.float32),
-        "queue_probs": jnp.asarray(queue_probs, jnp.float32),
-        "queue_ptr": jnp.asarray(queue_ptr, jnp.int32),
-        "prob_hist": jnp.asarray(buffer),
-        "prob_hist_len": jnp.asarray(h, jnp.int32),
-    }
-
-
-def da_history(state: AlgorithmState) -> np.ndarray:
-    """The DA history as the reference's oldest-first list, shape (len, C)."""
-    return np.asarray(state["prob_hist"])[: int(state["prob_hist_len"])]
-
-
-def split_views(x: jax.Array, batch_size: int, num_views: int) -> list[jax.Array]:
-    """Splits ``[x (B) ; view_1 (Bu) ; ... ; view_V (Bu)]`` along the batch axis."""
-    bu = (x.shape[0] - batch_size) // num_views
-    if batch_size + num_views * bu != x.shape[0]:
-        raise ValueError(f"{x.shape[0]} rows do not split into B={batch_size} + {num_views}*Bu")
-    return [x[:batch_size]] + [
-        x[batch_size + v * bu : batch_size + (v + 1) * bu] for v in range(num_views)
-    ]
 
 
 def comatch_terms(
@@ -176,33 +140,12 @@ def _base_loss(terms: Mapping[str, Any], cfg: ml_collections.ConfigDict) -> jax.
     return terms["loss_x"] + cfg.lambda_u * terms["loss_u"] + cfg.lambda_c * terms["loss_c"]
 
 
-def comatch_loss(*, logits, feats, batch, state, epoch, iteration, cfg):
-    """CoMatch: ``L = L_x + λu·L_u + λc·L_c``."""
-    terms = comatch_terms(
-        logits=logits,
-        feats=feats,
-        batch=batch,
-        state=state,
-        epoch=epoch,
-        iteration=iteration,
-        cfg=cfg,
-    )
-    loss = _base_loss(terms, cfg)
-    metrics = {"loss": loss, **_base_metrics(terms, batch)}
-    return loss, (terms["new_state"], metrics)
+# An extension's term on top of CoMatch: (terms, cfg) -> (weighted loss, its metrics).
+ExtraTerm = Callable[[Mapping[str, Any], ml_collections.ConfigDict], tuple[jax.Array, Metrics]]
 
 
-def comatch_ccssl_loss(*, logits, feats, batch, state, epoch, iteration, cfg):
-    """CoMatch+CCSSL (§7.3): adds ``λccssl·L_ccssl`` on (zs0, zs1) with smoothed confidences."""
-    terms = comatch_terms(
-        logits=logits,
-        feats=feats,
-        batch=batch,
-        state=state,
-        epoch=epoch,
-        iteration=iteration,
-        cfg=cfg,
-    )
+def _ccssl_extra(terms, cfg):
+    """CoMatch+CCSSL (§7.3): ``λccssl·L_ccssl`` on (zs0, zs1) with smoothed confidences."""
     loss_ccssl = ccssl.ccssl_term(
         view0=terms["feats_s0"],
         view1=terms["feats_s1"],
@@ -210,55 +153,62 @@ def comatch_ccssl_loss(*, logits, feats, batch, state, epoch, iteration, cfg):
         labels=terms["guess"],
         cfg=cfg,
     )
-    loss = _base_loss(terms, cfg) + cfg.lambda_ccssl * loss_ccssl
-    metrics = {"loss": loss, **_base_metrics(terms, batch), "loss_ccssl": loss_ccssl}
-    return loss, (terms["new_state"], metrics)
+    return cfg.lambda_ccssl * loss_ccssl, {"loss_ccssl": loss_ccssl}
 
 
-def comatch_triplet_loss(*, logits, feats, batch, state, epoch, iteration, cfg):
-    """CoMatch+Triplet (§6): adds ``λdml·L_dml`` on zs0 with the unmasked hard guesses (Q13)."""
-    terms = comatch_terms(
-        logits=logits,
-        feats=feats,
-        batch=batch,
-        state=state,
-        epoch=epoch,
-        iteration=iteration,
-        cfg=cfg,
-    )
+def _triplet_extra(terms, cfg):
+    """CoMatch+Triplet (§6): ``λdml·L_dml`` on zs0 with the unmasked hard guesses (Q13)."""
     loss_dml, stats = losses.semihard_triplet_loss(
         embeddings=terms["feats_s0"], labels=terms["guess"], margin=cfg.triplet_margin
     )
-    loss = _base_loss(terms, cfg) + cfg.lambda_dml * loss_dml
-    metrics = {
-        "loss": loss,
-        **_base_metrics(terms, batch),
+    return cfg.lambda_dml * loss_dml, {
         "loss_dml": loss_dml,
         "triplet_valid": stats.valid.astype(jnp.float32),
         "triplet_mined": stats.mined.astype(jnp.float32),
         "triplet_positive": stats.positive.astype(jnp.float32),
     }
-    return loss, (terms["new_state"], metrics)
 
 
-COMATCH = Algorithm(
-    name="comatch",
-    unlabelled_views=UNLABELLED_VIEWS,
-    needs_projection=True,
-    init_state=init_state,
-    loss_from_outputs=comatch_loss,
-)
-COMATCH_CCSSL = Algorithm(
-    name="comatch_ccssl",
-    unlabelled_views=UNLABELLED_VIEWS,
-    needs_projection=True,
-    init_state=init_state,
-    loss_from_outputs=comatch_ccssl_loss,
-)
-COMATCH_TRIPLET = Algorithm(
-    name="comatch_triplet",
-    unlabelled_views=UNLABELLED_VIEWS,
-    needs_projection=True,
-    init_state=init_state,
-    loss_from_outputs=comatch_triplet_loss,
-)
+def _comatch_family_loss(extra: ExtraTerm | None, doc: str):
+    """The `loss_from_outputs` of CoMatch plus an optional extension term."""
+
+    def loss_from_outputs(*, logits, feats, batch, state, epoch, iteration, cfg):
+        terms = comatch_terms(
+            logits=logits,
+            feats=feats,
+            batch=batch,
+            state=state,
+            epoch=epoch,
+            iteration=iteration,
+            cfg=cfg,
+        )
+        loss = _base_loss(terms, cfg)
+        extra_metrics = {}
+        if extra is not None:
+            extra_loss, extra_metrics = extra(terms, cfg)
+            loss = loss + extra_loss
+        metrics = {"loss": loss, **_base_metrics(terms, batch), **extra_metrics}
+        return loss, (terms["new_state"], metrics)
+
+    loss_from_outputs.__doc__ = doc
+    return loss_from_outputs
+
+
+comatch_loss = _comatch_family_loss(None, "CoMatch: ``L = L_x + λu·L_u + λc·L_c``.")
+comatch_ccssl_loss = _comatch_family_loss(_ccssl_extra, "CoMatch+CCSSL: ``L + λccssl·L_ccssl``.")
+comatch_triplet_loss = _comatch_family_loss(_triplet_extra, "CoMatch+Triplet: ``L + λdml·L_dml``.")
+
+
+def _comatch_algorithm(name: str, loss_from_outputs) -> Algorithm:
+    return Algorithm(
+        name=name,
+        unlabelled_views=UNLABELLED_VIEWS,
+        needs_projection=True,
+        init_state=init_state,
+        loss_from_outputs=loss_from_outputs,
+    )
+
+
+COMATCH = _comatch_algorithm("comatch", comatch_loss)
+COMATCH_CCSSL = _comatch_algorithm("comatch_ccssl", comatch_ccssl_loss)
+COMATCH_TRIPLET = _comatch_algorithm("comatch_triplet", comatch_triplet_loss)

@@ -7,14 +7,8 @@ import jax.numpy as jnp
 
 from ssl_jax import losses
 from ssl_jax.algorithms import ccssl
-from ssl_jax.algorithms.base import Algorithm
-from ssl_jax.algorithms.comatch import split_views
-
-
-def init_state(cfg, *, num_classes, low_dim, batch_size, mu):
-    """Stateless (no distribution alignment in the paper's configs)."""
-    del cfg, num_classes, low_dim, batch_size, mu
-    return {}
+from ssl_jax.algorithms.base import Algorithm, split_views, stateless_init_state
+from ssl_jax.data.views import STRONG0, UNLABELLED_VIEWS, WEAK
 
 
 def fixmatch_terms(*, logits, batch, cfg, num_views):
@@ -65,15 +59,15 @@ def fixmatch_ccssl_loss(*, logits, feats, batch, state, epoch, iteration, cfg):
 
 FIXMATCH = Algorithm(
     name="fixmatch",
-    unlabelled_views=("u_w", "u_s0"),
+    unlabelled_views=(WEAK, STRONG0),
     needs_projection=False,
-    init_state=init_state,
+    init_state=stateless_init_state,  # no distribution alignment in the paper's configs
     loss_from_outputs=fixmatch_loss,
 )
 FIXMATCH_CCSSL = Algorithm(
     name="fixmatch_ccssl",
-    unlabelled_views=("u_w", "u_s0", "u_s1"),
+    unlabelled_views=UNLABELLED_VIEWS,
     needs_projection=True,
-    init_state=init_state,
+    init_state=stateless_init_state,
     loss_from_outputs=fixmatch_ccssl_loss,
 )

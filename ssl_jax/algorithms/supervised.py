@@ -5,13 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ssl_jax import losses
-from ssl_jax.algorithms.base import Algorithm
-
-
-def init_state(cfg, *, num_classes, low_dim, batch_size, mu):
-    """Stateless."""
-    del cfg, num_classes, low_dim, batch_size, mu
-    return {}
+from ssl_jax.algorithms.base import Algorithm, stateless_init_state
 
 
 def supervised_loss(*, logits, feats, batch, state, epoch, iteration, cfg):
@@ -25,6 +19,6 @@ SUPERVISED = Algorithm(
     name="supervised",
     unlabelled_views=(),
     needs_projection=False,
-    init_state=init_state,
+    init_state=stateless_init_state,
     loss_from_outputs=supervised_loss,
 )

@@ -2,7 +2,9 @@
 
     data = load_dataset(config, workdir=workdir)            # decoded, split, cached
     it = train_iterator(data, config, views=("u_w", "u_s0", "u_s1"))   # grain iterator
-    for batch in test_batches(data.test, config.data.eval_batch_size): ...
+    for batch in test_batches(data.test, batch_size, crop_size=config.data.crop_size): ...
+
+View names and random stream ids: `views.py`; what the augmentations are: `augment_spec.py`.
 
 Every bad input raises `DataError` (a ValueError) saying what is wrong and how to fix it.
 """

@@ -6,14 +6,17 @@ takes its parameters explicitly so a test can pin them; the random draws live in
 `sample_*` functions that take a `numpy.random.Generator`, so a stream is a deterministic
 function of (image, generator state).
 
-Images: ops take and return RGB `PIL.Image.Image`; the stream functions take and return uint8
-(H, W, 3) numpy arrays. Nothing here normalises: ToTensor/Normalize run on the device
-(`ssl_jax/data/normalize.py`).
+The op registry and magnitude table are `augment_spec`'s, shared with the device. Images: ops
+take and return RGB `PIL.Image.Image`; the stream functions take uint8 (H, W, 3) numpy arrays
+and return (crop_size, crop_size, 3) ones. Nothing here normalises: ToTensor/Normalize run on
+the device (`ssl_jax/data/normalize.py`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -22,29 +25,16 @@ import PIL.ImageDraw
 import PIL.ImageEnhance
 import PIL.ImageOps
 
-CROP_SIZE = 60
-CUTOUT_FILL = (127, 127, 127)
-# RandAugmentMC's pool (FixMatch's `fixmatch_augment_pool`), in the reference order.
-RANDAUGMENT_OPS = (
-    "auto_contrast",
-    "brightness",
-    "color",
-    "contrast",
-    "equalize",
-    "identity",
-    "posterize",
-    "rotate",
-    "sharpness",
-    "shear_x",
-    "shear_y",
-    "solarize",
-    "translate_x",
-    "translate_y",
+from ssl_jax.data import views
+from ssl_jax.data.augment_spec import (
+    CROP_SIZE,
+    CUTOUT_FILL,
+    DEFAULT_PARAMS,
+    RANDAUGMENT_OPS,
+    AugmentParams,
+    bind_ops,
+    op_parameter,
 )
-# Ops whose magnitude gets a random sign (rotate, shears, translations).
-SIGNED_OPS = frozenset({"rotate", "shear_x", "shear_y", "translate_x", "translate_y"})
-PARAMETER_MAX = 10  # RandAugmentMC's magnitude scale: v/10 of each op's maximum
-
 
 # ----------------------------------------------------------------------------- geometry
 
@@ -234,55 +224,10 @@ def translate_y(img: PIL.Image.Image, pixels: int) -> PIL.Image.Image:
     return img.transform(img.size, PIL.Image.AFFINE, (1, 0, 0, 0, 1, int(pixels)))
 
 
-RANDAUGMENT_FNS: dict[str, Callable[[PIL.Image.Image, object], PIL.Image.Image]] = {
-    "auto_contrast": auto_contrast,
-    "brightness": brightness,
-    "color": color,
-    "contrast": contrast,
-    "equalize": equalize,
-    "identity": identity,
-    "posterize": posterize,
-    "rotate": rotate,
-    "sharpness": sharpness,
-    "shear_x": shear_x,
-    "shear_y": shear_y,
-    "solarize": solarize,
-    "translate_x": translate_x,
-    "translate_y": translate_y,
-}
-
-
-def _float_parameter(v: int, max_v: float) -> float:
-    return float(v) * max_v / PARAMETER_MAX
-
-
-def _int_parameter(v: int, max_v: float) -> int:
-    return int(v * max_v / PARAMETER_MAX)
-
-
-def op_parameter(name: str, v: int, sign: int = 1, width: int = 60, height: int = 60):
-    """The magnitude table of §2.4: the parameter op `name` gets for magnitude v (1..9).
-
-    Written with the reference's own arithmetic (v * max / 10 + bias, int() truncation), so
-    float rounding matches it; `sign` (+1/-1) only affects the signed ops.
-    """
-    if name in ("auto_contrast", "equalize", "identity"):
-        return None
-    if name in ("brightness", "color", "contrast", "sharpness"):
-        return _float_parameter(v, 0.9) + 0.05
-    if name == "posterize":
-        return _int_parameter(v, 4) + 4
-    if name == "solarize":
-        return 256 - _int_parameter(v, 256)
-    if name == "rotate":
-        return sign * _int_parameter(v, 30)
-    if name in ("shear_x", "shear_y"):
-        return sign * _float_parameter(v, 0.3)
-    if name == "translate_x":
-        return int(sign * _float_parameter(v, 0.3) * width)
-    if name == "translate_y":
-        return int(sign * _float_parameter(v, 0.3) * height)
-    raise ValueError(f"unknown RandAugment op {name!r}")
+# Looked up by name (augment_spec.RANDAUGMENT_OPS): the functions above, in the reference order.
+RANDAUGMENT_FNS: dict[str, Callable[[PIL.Image.Image, object], PIL.Image.Image]] = bind_ops(
+    sys.modules[__name__]
+)
 
 
 def cutout_box(cx: float, cy: float, width: int, height: int, size: int = 16):
@@ -345,32 +290,45 @@ def _maybe_flip(img: PIL.Image.Image, rng: np.random.Generator) -> PIL.Image.Ima
     return hflip(img) if rng.random() < 0.5 else img
 
 
-def labelled_view(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """x: HFlip(0.5) -> RandomResizedCrop(60, scale 0.2-1)."""
+def labelled_view(
+    img: np.ndarray, rng: np.random.Generator, *, crop_size: int = CROP_SIZE
+) -> np.ndarray:
+    """x: HFlip(0.5) -> RandomResizedCrop(crop_size, scale 0.2-1)."""
     pil = _maybe_flip(_to_pil(img), rng)
     box = sample_resized_crop_box(rng, pil.height, pil.width)
-    return _to_array(resized_crop(pil, box))
+    return _to_array(resized_crop(pil, box, crop_size))
 
 
-def weak_view(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """u_w: HFlip(0.5) -> CenterCrop(60)."""
-    return _to_array(center_crop(_maybe_flip(_to_pil(img), rng)))
+def weak_view(
+    img: np.ndarray, rng: np.random.Generator, *, crop_size: int = CROP_SIZE
+) -> np.ndarray:
+    """u_w: HFlip(0.5) -> CenterCrop(crop_size)."""
+    return _to_array(center_crop(_maybe_flip(_to_pil(img), rng), crop_size))
 
 
 def strong0_view(
-    img: np.ndarray, rng: np.random.Generator, n: int = 2, m: int = 10, cutout: int = 16
+    img: np.ndarray,
+    rng: np.random.Generator,
+    n: int = 2,
+    m: int = 10,
+    cutout: int = 16,
+    *,
+    crop_size: int = CROP_SIZE,
 ) -> np.ndarray:
-    """u_s0: HFlip(0.5) -> RandomResizedCrop(60) -> RandAugmentMC(n, m) incl. cutout."""
+    """u_s0: HFlip(0.5) -> RandomResizedCrop(crop_size) -> RandAugmentMC(n, m) incl. cutout."""
     pil = _maybe_flip(_to_pil(img), rng)
-    pil = resized_crop(pil, sample_resized_crop_box(rng, pil.height, pil.width))
+    pil = resized_crop(pil, sample_resized_crop_box(rng, pil.height, pil.width), crop_size)
     ops, center = sample_randaugment(rng, n, m, pil.width, pil.height)
     return _to_array(randaugment(pil, ops, center, cutout))
 
 
-def strong1_view(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """u_s1: RandomResizedCrop(60) -> HFlip(0.5) -> p0.8 ColorJitter(.4,.4,.4,.1) -> p0.2 gray."""
+def strong1_view(
+    img: np.ndarray, rng: np.random.Generator, *, crop_size: int = CROP_SIZE
+) -> np.ndarray:
+    """u_s1: RandomResizedCrop(crop_size) -> HFlip(0.5) -> p0.8 ColorJitter(.4,.4,.4,.1) ->
+    p0.2 gray."""
     pil = _to_pil(img)
-    pil = resized_crop(pil, sample_resized_crop_box(rng, pil.height, pil.width))
+    pil = resized_crop(pil, sample_resized_crop_box(rng, pil.height, pil.width), crop_size)
     pil = _maybe_flip(pil, rng)
     if rng.random() < 0.8:
         pil = color_jitter(pil, *sample_color_jitter(rng))
@@ -379,16 +337,24 @@ def strong1_view(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return _to_array(pil)
 
 
-def test_view(img: np.ndarray) -> np.ndarray:
-    """Evaluation: CenterCrop(60)."""
-    return _to_array(center_crop(_to_pil(img)))
+def test_view(img: np.ndarray, *, crop_size: int = CROP_SIZE) -> np.ndarray:
+    """Evaluation: CenterCrop(crop_size)."""
+    return _to_array(center_crop(_to_pil(img), crop_size))
 
-
-STREAMS: dict[str, Callable[..., np.ndarray]] = {
-    "x": labelled_view,
-    "u_w": weak_view,
-    "u_s0": strong0_view,
-    "u_s1": strong1_view,
-}
 
 test_view.__test__ = False  # a pipeline stage, not a pytest test, when imported into tests
+
+STREAMS: dict[str, Callable[..., np.ndarray]] = {
+    views.LABELLED: labelled_view,
+    views.WEAK: weak_view,
+    views.STRONG0: strong0_view,
+    views.STRONG1: strong1_view,
+}
+
+
+def view_fn(view: str, params: AugmentParams = DEFAULT_PARAMS):
+    """(uint8 image, numpy Generator) -> the view `view` under `params`; picklable."""
+    kwargs = {"crop_size": params.crop_size}
+    if view == views.STRONG0:
+        kwargs.update(n=params.randaugment_n, m=params.randaugment_m, cutout=params.cutout)
+    return functools.partial(STREAMS[view], **kwargs)

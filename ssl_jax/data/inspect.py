@@ -2,7 +2,8 @@
 
 Prints the dataset summary (set sizes, per-class counts, image sizes, protocol, split hash) as
 one JSON object on the **last line** of stdout and draws `<workdir>/augmentations.png`: a few
-images, each as loaded (Resize(64)) and in the four training streams (x, u_w, u_s0, u_s1).
+images, each as loaded (Resize(64)) and in the four training streams (x, u_w, u_s0, u_s1) at
+`config.data.crop_size`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import os
 import numpy as np
 
 from ssl_jax.data import augment_host
+from ssl_jax.data.augment_spec import AugmentParams
 from ssl_jax.data.protocols import load_dataset
-
-INSPECT_STREAM = 999  # rng stream for the figure's draws, apart from the training streams
+from ssl_jax.data.views import INSPECT_STREAM
 
 
 def augmentation_grid(data, config, path: str, num_images: int = 6) -> str:
@@ -33,12 +34,7 @@ def augmentation_grid(data, config, path: str, num_images: int = 6) -> str:
             rows.append(int(members[0]))
         if len(rows) == num_images:
             break
-    augment = config.get("augment", {})
-    strong0 = {
-        "n": int(augment.get("randaugment_n", 2)),
-        "m": int(augment.get("randaugment_m", 10)),
-        "cutout": int(augment.get("cutout", 16)),
-    }
+    params = AugmentParams.from_config(config)
     columns = ["original", *augment_host.STREAMS]
     fig, axes = plt.subplots(
         len(rows), len(columns), figsize=(1.6 * len(columns), 1.6 * len(rows)), squeeze=False
@@ -50,8 +46,7 @@ def augmentation_grid(data, config, path: str, num_images: int = 6) -> str:
                 shown = image
             else:
                 rng = np.random.default_rng([int(config.seed), INSPECT_STREAM, r, col])
-                kwargs = strong0 if name == "u_s0" else {}
-                shown = augment_host.STREAMS[name](image, rng, **kwargs)
+                shown = augment_host.view_fn(name, params)(image, rng)
             ax = axes[r][col]
             ax.imshow(shown, interpolation="nearest")
             ax.set_xticks([])

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ssl_jax.data import augment_device
+from ssl_jax.data import augment_device, views
+from ssl_jax.data.augment_spec import AugmentParams
 
 
 def device_cache(data) -> dict:
@@ -23,36 +24,35 @@ def device_cache(data) -> dict:
     return cache
 
 
-def make_augment_fn(config: ml_collections.ConfigDict, views: tuple[str, ...]):
-    """augment_fn(key, batch, cache) -> batch with the "x" and unlabelled views filled in."""
-    aug = config.augment
-    if config.data.crop_size != augment_device.CROP_SIZE:
-        raise ValueError(
-            f"Device augmentation produces {augment_device.CROP_SIZE}-px crops; "
-            f"config.data.crop_size={config.data.crop_size} needs "
-            "config.augment.where='host'."
-        )
+def make_augment_fn(config: ml_collections.ConfigDict, unlabelled_views: tuple[str, ...]):
+    """augment_fn(key, batch, cache) -> batch with the "x" and unlabelled views filled in.
+
+    View v of the step is made with key fold_in(key, views.VIEWS[v].device_stream), at
+    `config.data.crop_size` px, from the pool and batch indices `views.VIEWS[v]` names.
+    """
+    params = AugmentParams.from_config(config)
+    unknown = [v for v in unlabelled_views if v not in views.UNLABELLED_VIEWS]
+    if unknown:
+        raise ValueError(f"unknown unlabelled views {unknown}; known: {views.UNLABELLED_VIEWS}")
 
     def augment_fn(key, batch, cache):
         out = dict(batch)
-        for view in ("x", *views):
-            pool = cache["labelled" if view == "x" else "unlabelled"]
-            indices = batch["x_index" if view == "x" else "u_index"]
-            out[view] = augment_device.augment_batch(
-                jax.random.fold_in(key, augment_device.STREAM_IDS[view]),
+        for name in (views.LABELLED, *unlabelled_views):
+            view = views.VIEWS[name]
+            pool = cache[view.pool]
+            out[name] = augment_device.augment_batch(
+                jax.random.fold_in(key, view.device_stream),
                 pool["images"],
                 pool["sizes"],
-                indices,
-                view,
-                aug.randaugment_n,
-                aug.randaugment_m,
-                aug.cutout,
+                batch[views.INDEX_KEYS[view.pool]],
+                name,
+                params,
             )
         return out
 
     return augment_fn
 
 
-def device_augment_views(data, config, views):
+def device_augment_views(data, config, unlabelled_views):
     """(device cache, augment_fn) for `train_step`."""
-    return device_cache(data), make_augment_fn(config, views)
+    return device_cache(data), make_augment_fn(config, unlabelled_views)

@@ -8,12 +8,13 @@ labelled list ceil(B * eval_step / n) times — the same kind of with-replacemen
 draw). The batch at step k is a pure function of (seed, k):
 
     pass, slot = divmod(k, n // batch)           permutation = default_rng([seed, stream, pass])
-    augmentation draws of example j of view v = default_rng([seed, view_stream[v], k, j])
+    augmentation draws of example j of view v = default_rng([seed, host_stream[v], k, j])
 
-so any step can be produced alone: the grain pipeline is just `range(start_step, total_steps)`
-mapped through `BatchMaker`, which makes a resumed run (from `start_step` or from a grain
-iterator state) bit-identical to an uninterrupted one, and multiprocess prefetch (each worker
-takes every W-th step) identical to in-process.
+(the stream ids are declared in `views.py`), so any step can be produced alone: the grain
+pipeline is just `range(start_step, total_steps)` mapped through `BatchMaker`, which makes a
+resumed run (from `start_step` or from a grain iterator state) bit-identical to an
+uninterrupted one, and multiprocess prefetch (each worker takes every W-th step) identical to
+in-process. Every view is cropped to `config.data.crop_size`.
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ import grain
 import numpy as np
 
 from ssl_jax.data import augment_host
+from ssl_jax.data.augment_spec import CROP_SIZE, DEFAULT_PARAMS, AugmentParams
 from ssl_jax.data.sources import ImageSet
+from ssl_jax.data.views import INDEX_KEYS, LABELLED, SAMPLE_STREAMS, UNLABELLED_VIEWS, VIEWS
 
-UNLABELLED_VIEWS = ("u_w", "u_s0", "u_s1")
-SAMPLE_STREAMS = {"labelled": 1, "unlabelled": 2}
-VIEW_STREAMS = {"x": 10, "u_w": 11, "u_s0": 12, "u_s1": 13}
 MODES = ("host", "indices")
 
 
@@ -52,7 +52,7 @@ def stream_indices(n: int, batch_size: int, *, seed: int, stream: int, step: int
 
 
 def _view_rng(seed: int, view: str, step: int, position: int) -> np.random.Generator:
-    return np.random.default_rng([seed, VIEW_STREAMS[view], step, position])
+    return np.random.default_rng([seed, VIEWS[view].host_stream, step, position])
 
 
 class BatchMaker:
@@ -68,9 +68,7 @@ class BatchMaker:
         mu: int,
         views: Sequence[str],
         mode: str = "host",
-        randaugment_n: int = 2,
-        randaugment_m: int = 10,
-        cutout: int = 16,
+        params: AugmentParams = DEFAULT_PARAMS,
     ):
         unknown = [v for v in views if v not in UNLABELLED_VIEWS]
         if unknown:
@@ -88,19 +86,15 @@ class BatchMaker:
         self.unlabelled_batch_size = int(mu) * int(batch_size)
         self.views = tuple(views)
         self.mode = mode
-        self.strong0_kwargs = {"n": randaugment_n, "m": randaugment_m, "cutout": cutout}
+        self.view_fns = {v: augment_host.view_fn(v, params) for v in (LABELLED, *self.views)}
         if len(self.labelled_images) == 0:
             raise ValueError("the labelled set is empty")
         if self.views and len(self.unlabelled_images) == 0:
             raise ValueError("the unlabelled set is empty")
 
     def _augment(self, view: str, images, indices: np.ndarray, step: int) -> np.ndarray:
-        fn = augment_host.STREAMS[view]
-        kwargs = self.strong0_kwargs if view == "u_s0" else {}
-        out = [
-            fn(images[i], _view_rng(self.seed, view, step, j), **kwargs)
-            for j, i in enumerate(indices)
-        ]
+        fn = self.view_fns[view]
+        out = [fn(images[i], _view_rng(self.seed, view, step, j)) for j, i in enumerate(indices)]
         return np.stack(out).astype(np.uint8, copy=False)
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
@@ -114,10 +108,10 @@ class BatchMaker:
         )
         batch = {
             "y": self.labelled_labels[x_index],
-            "x_index": x_index.astype(np.int32),
+            INDEX_KEYS["labelled"]: x_index.astype(np.int32),
         }
         if self.mode == "host":
-            batch["x"] = self._augment("x", self.labelled_images, x_index, step)
+            batch[LABELLED] = self._augment(LABELLED, self.labelled_images, x_index, step)
         if self.views:
             u_index = stream_indices(
                 len(self.unlabelled_images),
@@ -127,7 +121,7 @@ class BatchMaker:
                 step=step,
             )
             batch["u_y"] = self.unlabelled_labels[u_index]
-            batch["u_index"] = u_index.astype(np.int32)
+            batch[INDEX_KEYS["unlabelled"]] = u_index.astype(np.int32)
             if self.mode == "host":
                 for view in self.views:
                     batch[view] = self._augment(view, self.unlabelled_images, u_index, step)
@@ -162,7 +156,6 @@ def train_iterator(
     position is counted from `start_step`). Both give the batches an uninterrupted run would.
     `mode="indices"` makes the same batches without images (for device augmentation).
     """
-    augment = config.get("augment", {})
     maker = BatchMaker(
         data.labelled,
         data.unlabelled,
@@ -171,9 +164,7 @@ def train_iterator(
         mu=int(config.data.mu),
         views=views,
         mode=mode,
-        randaugment_n=int(augment.get("randaugment_n", 2)),
-        randaugment_m=int(augment.get("randaugment_m", 10)),
-        cutout=int(augment.get("cutout", 16)),
+        params=AugmentParams.from_config(config),
     )
     total_steps = int(config.train.total_steps)
     if not 0 <= start_step <= total_steps:
@@ -196,13 +187,16 @@ def train_iterator(
     return iter(iter_ds)
 
 
-def test_batches(imageset: ImageSet, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def test_batches(
+    imageset: ImageSet, batch_size: int, *, crop_size: int = CROP_SIZE
+) -> Iterator[dict[str, np.ndarray]]:
     """Centre-cropped test views in order, the last batch padded (mask False) to `batch_size`.
 
-    A fixed batch shape means the evaluation function compiles once.
+    Pass `crop_size=config.data.crop_size` (the size the model trained at). A fixed batch
+    shape means the evaluation function compiles once.
     """
     n = len(imageset)
-    size = augment_host.CROP_SIZE
+    size = int(crop_size)
     labels = np.asarray(imageset.labels, np.int32)
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
@@ -210,7 +204,7 @@ def test_batches(imageset: ImageSet, batch_size: int) -> Iterator[dict[str, np.n
         label = np.zeros((batch_size,), np.int32)
         mask = np.zeros((batch_size,), bool)
         for j, i in enumerate(range(start, stop)):
-            image[j] = augment_host.test_view(imageset.images[i])
+            image[j] = augment_host.test_view(imageset.images[i], crop_size=size)
         label[: stop - start] = labels[start:stop]
         mask[: stop - start] = True
         yield {"image": image, "label": label, "mask": mask}

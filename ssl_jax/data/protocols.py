@@ -35,9 +35,14 @@ from ssl_jax.data.sources import (
     list_class_folders,
     load_folder_images,
     scan_class_folder,
+    unsupported_files_message,
 )
+from ssl_jax.files import atomic_write_json
 
 PROTOCOLS = ("k_per_class", "seed_code")
+SOURCES = ("folder", "tfds")
+# The paper's dataset names and their root sub-folders of $SSL_JAX_DATA (configs/base.py).
+PAPER_DATASETS = {"ucm10": "ucm", "aid10": "aid", "ucm21": "ucm", "aid30": "aid"}
 LABELLED_DRAW_STREAM = 100  # the rng stream of the k-per-class draw
 
 
@@ -73,6 +78,31 @@ class SemiSupervisedData:
         out["image_sizes"] = dict(sorted(sizes.items()))
         out.update(self.info)
         return out
+
+
+def dataset_name(data_cfg) -> str:
+    """The name a run reports for its data: `data.name`, unless that is a paper dataset's name
+    (or empty) while the data is not that dataset; then the tfds name or the root folder's name.
+
+    "Not that dataset": a tfds source, or a folder that is neither read through the shipped
+    UCM/AID split lists nor the paper dataset's default root ($SSL_JAX_DATA/ucm or /aid). So
+    `--config.data.root=/data/my_scenes` on any paper config reports "my_scenes"; a name set
+    with `--config.data.name=...` that is not a paper dataset's name is always kept.
+    """
+    name = str(data_cfg.get("name", "") or "")
+    if name and name not in PAPER_DATASETS:
+        return name
+    if data_cfg.get("source", "folder") == "tfds":
+        return str(data_cfg.get("tfds_name", "")) or name
+    if data_cfg.get("split_lists", "") in splits_lib.SHIPPED_SPLITS and name:
+        return name
+    if not data_cfg.get("root", ""):
+        return name or "data"
+    root = os.path.realpath(os.path.expanduser(str(data_cfg.root)))
+    base = os.environ.get("SSL_JAX_DATA", "")
+    if name and base and root == os.path.realpath(os.path.join(base, PAPER_DATASETS[name])):
+        return name
+    return os.path.basename(root.rstrip(os.sep)) or name or "data"
 
 
 def _per_class_counts(imageset: ImageSet, class_names) -> dict[str, int]:
@@ -113,7 +143,7 @@ def load_dataset(config, *, workdir: str | None, write_split: bool = True) -> Se
             data_cfg, seed=seed, cache_dir=cache_dir, everything=whole
         )
     else:
-        raise DataError(f"config.data.source is {data_cfg.source!r}; use 'folder' or 'tfds'.")
+        raise DataError(f"config.data.source is {data_cfg.source!r}; use one of {SOURCES}.")
     for name in ("train", "test"):
         if len(getattr(pool, name)) == 0:
             raise DataError(
@@ -129,7 +159,7 @@ def load_dataset(config, *, workdir: str | None, write_split: bool = True) -> Se
         unlabelled=unlabelled,
         protocol=data_cfg.protocol,
         split_hash=split_hash,
-        info={"seed": seed, **pool.info},
+        info={"dataset": dataset_name(data_cfg), "seed": seed, **pool.info},
     )
     if workdir and write_split:
         write_split_json(data, os.path.join(workdir, "split.json"))
@@ -153,9 +183,26 @@ def load_folder_pool(data_cfg, *, seed: int, cache_dir: str | None, everything: 
             f"(found: {available}). Fix config.data.classes or config.data.root."
         )
     skipped: list[str] = []
-    folder_files = {c: scan_class_folder(root, c, skipped) for c in class_names}
+    unsupported: list[str] = []
+    other_files: dict[str, list[str]] = {}
+    folder_files = {c: scan_class_folder(root, c, skipped, unsupported) for c in class_names}
+    if everything:  # the sweep reads the other class folders too
+        for c in available:
+            if c not in folder_files:
+                try:
+                    folder_files_other = scan_class_folder(root, c, unsupported=unsupported)
+                except DataError:
+                    folder_files_other = []  # an empty folder outside the subset holds nothing
+                other_files[c] = folder_files_other
+    if unsupported:
+        raise DataError(unsupported_files_message(unsupported, f"dataset root {root!r}"))
 
     list_paths = splits_lib.split_list_paths(data_cfg.split_lists)
+    splits_lib.check_stem_collisions(
+        folder_files,
+        by_directory=not list_paths,
+        why=splits_lib.SPLIT_LIST_COLLISIONS if list_paths else splits_lib.SEEDED_COLLISIONS,
+    )
     if list_paths:
         entries = [splits_lib.read_split_list(p) for p in list_paths]
         splits_lib.check_classes_in_lists(list_paths, entries, available)
@@ -186,12 +233,7 @@ def load_folder_pool(data_cfg, *, seed: int, cache_dir: str | None, everything: 
     if everything:
         label_of = {c: i for i, c in enumerate(class_names)}
         for c in available:
-            files = folder_files.get(c)
-            if files is None:
-                try:
-                    files = scan_class_folder(root, c)
-                except DataError:
-                    files = []  # an empty folder outside the subset holds nothing to scan
+            files = folder_files[c] if c in folder_files else other_files[c]
             every_files.extend(files)
             every_labels.extend([label_of.get(c, -1)] * len(files))
 
@@ -294,8 +336,4 @@ def write_split_json(data: SemiSupervisedData, path: str) -> None:
         "labelled": rows(data.labelled),
         "unlabelled": rows(data.unlabelled),
     }
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(record, path, indent=1)

@@ -6,10 +6,33 @@ nested folders below the class folder, as torchvision's ImageFolder allows). Fil
 decoded with PIL, converted to RGB (grey-scale, palette, 16-bit and RGBA inputs included) and
 Resize(64)'d once (shorter side to 64, aspect kept), so the pipeline holds small uint8 arrays.
 
+Images as users have them:
+  * Files with another image extension (.bmp, .webp, .gif, .jp2, .heic, ... see
+    `UNSUPPORTED_IMAGE_EXTENSIONS`) in a class folder are an **error** that lists every such
+    file and says how to convert them; they are never skipped silently. Other files (.txt,
+    .xml, ...) are skipped and counted in split.json (`non_image_files_skipped`).
+  * Pixels wider than 8 bits are scaled to 0..255 by one rule, per image (`to_uint8`):
+      float (e.g. a float32 TIFF): values in [0, 1] are multiplied by 255; values in
+          [0, 255] are used as they are; anything else (negative, above 255, NaN or inf) is
+          refused with a message saying how to convert the file.
+      integer (16-bit TIFF/PNG, 32-bit TIFF): divided by 2**b - 1, where b is the fewest bits
+          (at least 8, at most 16) that hold the image's largest value, so 12-bit data stored
+          in 16-bit files (max <= 4095) is scaled by 4095, 8-bit data in 16-bit files is kept
+          as it is, and full 16-bit data by 65535. Because b is found per image, an image far
+          darker than its dataset's bit depth is brightened by up to 2x; convert such a dataset
+          to 8-bit yourself for exact control. Negative values or more than 16 bits are refused.
+      Multi-band TIFFs with 16-bit samples are read at full depth when uncompressed (Pillow
+          would keep only the top 8 bits, which makes 12-bit data almost black); compressed
+          ones, and float multi-band TIFFs, which Pillow cannot read, are refused with the
+          `gdal_translate` command that converts them.
+  * Two files of one class folder with the same stem (x.png and x.tif) are an error listing
+    every collision at once (splits.py), whichever split is used.
+
 Decoded images are cached in memory for the life of the process and, unless the cache folder
 is None, in `<cache_dir>/images-<key>.npz`, where the key hashes the file list, file sizes and
 modification times: changing, adding or touching a file gives a new key, so a stale cache is
-never read.
+never read. A cache file that cannot be written (a full disk) leaves nothing behind: a warning
+is printed and the run goes on with the images in memory.
 """
 
 from __future__ import annotations
@@ -19,6 +42,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 
@@ -28,7 +52,14 @@ from PIL import Image
 from ssl_jax.data import augment_host
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
-_CACHE_FORMAT = 1  # bump when the decoding changes, so old caches are not reused
+# Image formats that the loader does not read: reported by name, never skipped silently.
+UNSUPPORTED_IMAGE_EXTENSIONS = (
+    ".bmp", ".dib", ".gif", ".webp", ".jp2", ".j2k", ".jpx", ".jpf", ".jpe", ".jfif",
+    ".heic", ".heif", ".avif", ".jxl", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico",
+    ".icns", ".psd", ".pcx", ".sgi", ".ras", ".xbm", ".xpm", ".dds", ".exr", ".hdr",
+    ".dng", ".cr2", ".nef", ".arw", ".raw", ".svg", ".eps",
+)  # fmt: skip
+_CACHE_FORMAT = 2  # bump when the decoding changes, so old caches are not reused
 
 UCM_URL = "http://weegee.vision.ucmerced.edu/datasets/landuse.html"
 AID_URL = "https://captain-whu.github.io/AID/"
@@ -78,6 +109,25 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(name).startswith(".")
 
 
+def is_unsupported_image_file(name: str) -> bool:
+    """An image format the loader does not read (`UNSUPPORTED_IMAGE_EXTENSIONS`)."""
+    base = os.path.basename(name)
+    return base.lower().endswith(UNSUPPORTED_IMAGE_EXTENSIONS) and not base.startswith(".")
+
+
+def unsupported_files_message(files: Sequence[str], where: str) -> str:
+    """The error for image files of a format the loader does not read, listing them all."""
+    exts = sorted({os.path.splitext(f)[1].lower() for f in files})
+    return (
+        f"{len(files)} file(s) in {where} have an image format the loader does not read "
+        f"({', '.join(exts)}; it reads {'/'.join(IMAGE_EXTENSIONS)}):\n"
+        + "\n".join(f"  {f}" for f in files)
+        + "\nConvert them to PNG and delete the originals (e.g. `mogrify -format png *.bmp`, "
+        "or in Python `PIL.Image.open(p).convert('RGB').save(p_without_ext + '.png')`), "
+        "or move them out of the class folders."
+    )
+
+
 def missing_root_message(root: str) -> str:
     where = f"{root!r} does not exist" if root else "no data root is set"
     return (
@@ -95,11 +145,19 @@ def list_class_folders(root: str) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def scan_class_folder(root: str, class_name: str, skipped: list[str] | None = None) -> list[str]:
-    """Image paths under `root/class_name`, relative to root, sorted; errors if there are none.
+def scan_class_folder(
+    root: str,
+    class_name: str,
+    skipped: list[str] | None = None,
+    unsupported: list[str] | None = None,
+) -> list[str]:
+    """Image paths under `root/class_name`, relative to root, sorted; errors if there are none
+    (unless it holds unsupported files, which the caller then reports).
 
     Non-image files (other extensions, not hidden ones) are appended to `skipped`, so the
-    summary can show them instead of dropping them silently.
+    summary can show them instead of dropping them silently. Files of an image format the
+    loader does not read are appended to `unsupported` (the caller raises once for all
+    folders), or raised here, listed, when `unsupported` is None.
     """
     folder = os.path.join(root, class_name)
     if not os.path.isdir(folder):
@@ -108,15 +166,23 @@ def scan_class_folder(root: str, class_name: str, skipped: list[str] | None = No
             f"Class {class_name!r} has no folder {folder!r}. Classes found under {root!r}: "
             f"{available}. Fix config.data.classes (or the split lists) to name existing folders."
         )
-    found = []
+    found, unreadable = [], []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
+        for name in sorted(filenames):
             relative = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
             if is_image_file(name):
                 found.append(relative)
+            elif is_unsupported_image_file(name):
+                unreadable.append(relative)
             elif skipped is not None and not name.startswith("."):
                 skipped.append(relative)
+    if unreadable and unsupported is None:
+        raise DataError(unsupported_files_message(unreadable, f"class folder {folder!r}"))
+    if unreadable:
+        unsupported.extend(unreadable)
+        if not found:
+            return []  # the caller raises, listing these with every other folder's
     if not found:
         raise DataError(
             f"Class folder {folder!r} holds no images ({'/'.join(IMAGE_EXTENSIONS)}). Add its "
@@ -128,16 +194,104 @@ def scan_class_folder(root: str, class_name: str, skipped: list[str] | None = No
 # ---------------------------------------------------------------------------------- decoding
 
 
+class PixelFormatError(ValueError):
+    """An image whose pixel values have no safe 8-bit reading; the message says how to convert."""
+
+
+CONVERT_HINT = (
+    "Convert it to 8-bit first, e.g. `gdal_translate -ot Byte -scale <min> <max> 0 255 in.tif "
+    "out.tif` with the data's value range."
+)
+
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Pixel values of any depth -> uint8 by the rule of the module docstring."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype.kind == "f":
+        values = arr.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise PixelFormatError(f"float pixels include NaN or inf. {CONVERT_HINT}")
+        low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+        if low < 0 or high > 255:
+            raise PixelFormatError(
+                f"float pixels span [{low:g}, {high:g}]; only [0, 1] (scaled by 255) and "
+                f"[0, 255] are read. {CONVERT_HINT}"
+            )
+        scale = 255.0 if high <= 1.0 else 1.0
+    elif arr.dtype.kind in "iu":
+        low, high = int(arr.min(initial=0)), int(arr.max(initial=0))
+        if low < 0:
+            raise PixelFormatError(f"integer pixels are negative (min {low}). {CONVERT_HINT}")
+        bits = max(8, high.bit_length())
+        if bits > 16:
+            raise PixelFormatError(
+                f"integer pixels reach {high}, more than 16 bits. {CONVERT_HINT}"
+            )
+        values, scale = arr.astype(np.float64), 255.0 / (2**bits - 1)
+    else:
+        raise PixelFormatError(f"pixels of type {arr.dtype} are not read. {CONVERT_HINT}")
+    return np.clip(values * scale + 0.5, 0, 255).astype(np.uint8)
+
+
+def _tiff_deep_samples(im: Image.Image) -> np.ndarray | None:
+    """A multi-band TIFF with > 8-bit samples, read at full depth (Pillow keeps the top byte).
+
+    None when the image is not such a TIFF. Must run before `im.load()`.
+    """
+    if im.format != "TIFF" or len(im.getbands()) < 2:
+        return None
+    bits = im.tag_v2.get(258)
+    bits = tuple(bits) if isinstance(bits, tuple | list) else (bits,)
+    if not any(isinstance(b, int) and b > 8 for b in bits):
+        return None
+    if im.mode not in ("RGB", "RGBA", "RGBX"):
+        raise PixelFormatError(
+            f"a {im.mode} TIFF with {'/'.join(map(str, bits))}-bit samples is not read. "
+            f"{CONVERT_HINT}"
+        )
+    bands = len(im.getbands())
+    rawmodes = {f"{im.mode};16L": "<u2", f"{im.mode};16B": ">u2"}
+    tiles = list(im.tile)
+    if (
+        set(bits) != {16}
+        or not tiles
+        or any(t[0] != "raw" or t[3][0] not in rawmodes or t[3][1] not in (0, None) for t in tiles)
+    ):
+        raise PixelFormatError(
+            f"a {im.mode} TIFF with {'/'.join(map(str, bits))}-bit samples stored compressed: "
+            "Pillow would keep only the top 8 bits (12-bit data would look black). Convert it "
+            "to 8-bit (`gdal_translate -ot Byte -scale 0 <max> 0 255 in.tif out.tif`) or store "
+            "it uncompressed (`gdal_translate -co COMPRESS=NONE in.tif out.tif`), which is read "
+            "at full depth."
+        )
+    out = np.zeros((im.size[1], im.size[0], bands), np.uint16)
+    for _, (x0, y0, x1, y1), offset, args in tiles:
+        x1, y1 = min(x1, im.size[0]), min(y1, im.size[1])
+        count = (x1 - x0) * (y1 - y0) * bands
+        im.fp.seek(offset)
+        raw = np.frombuffer(im.fp.read(count * 2), dtype=rawmodes[args[0]])
+        if raw.size != count:
+            raise PixelFormatError("the TIFF is truncated.")
+        out[y0:y1, x0:x1] = raw.reshape(y1 - y0, x1 - x0, bands)
+    return out
+
+
 def decode_image(data: bytes | str, size: int = 64) -> np.ndarray:
-    """File path or encoded bytes -> uint8 (H, W, 3), RGB, shorter side resized to `size`."""
+    """File path or encoded bytes -> uint8 (H, W, 3), RGB, shorter side resized to `size`.
+
+    Pixels wider than 8 bits follow `to_uint8` (module docstring).
+    """
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-        im.load()  # decode fully now, so truncated files fail here and not later
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16/32-bit grey: scale to 8 bits (PIL's convert("RGB") would clip, not scale).
-            arr = np.asarray(im, np.float64)
-            top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-            im = Image.fromarray(np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8))
-        rgb = im.convert("RGB")
+        deep = _tiff_deep_samples(im)
+        if deep is not None:
+            rgb = Image.fromarray(np.ascontiguousarray(to_uint8(deep)[..., :3]))
+        else:
+            im.load()  # decode fully now, so truncated files fail here and not later
+            if im.mode in ("F", "I") or im.mode.startswith("I;"):
+                # float or 16/32-bit grey: PIL's convert("RGB") would clip, not scale.
+                im = Image.fromarray(to_uint8(np.asarray(im)), "L")
+            rgb = im.convert("RGB")
     return np.asarray(augment_host.resize_shorter(rgb, size), np.uint8).copy()
 
 
@@ -157,17 +311,26 @@ def decode_all(
     describe: str,
 ) -> list[np.ndarray]:
     """Decodes every key; collects every unreadable image and raises once, listing them all."""
-    images, bad = [], []
+    images, bad, bad_tiffs = [], [], False
     for key in keys:
         try:
             images.append(decode_image(read(key), size))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             bad.append(f"  {key}: {type(e).__name__}: {e}")
+            bad_tiffs |= str(key).lower().endswith((".tif", ".tiff"))
     if bad:
+        tiff_hint = ""
+        if bad_tiffs:
+            tiff_hint = (
+                "\nTIFFs that Pillow cannot identify are often multi-band float TIFFs: "
+                "convert them to 8-bit, e.g. `gdal_translate -ot Byte -scale <min> <max> 0 255 "
+                "in.tif out.tif`."
+            )
         raise DataError(
-            f"{len(bad)} unreadable or truncated image(s) in {describe}:\n"
+            f"{len(bad)} unreadable, truncated or unconvertible image(s) in {describe}:\n"
             + "\n".join(bad)
             + "\nReplace or delete these files (and drop them from any split list)."
+            + tiff_hint
         )
     return images
 
@@ -213,15 +376,35 @@ def cached_decode(
     images = decode()
     _MEMORY_CACHE[key] = images
     if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        shapes = np.array([im.shape for im in images], np.int64).reshape(-1, 3)
-        flat = np.concatenate([im.reshape(-1) for im in images]) if images else np.zeros(0)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
+        write_cache(path, images)
+    return images, "decoded"
+
+
+def write_cache(path: str, images: Sequence[np.ndarray]) -> bool:
+    """Writes the cache file atomically; on failure (a full disk) removes the temporary file,
+    prints a warning and returns False: the images are in memory, so the run goes on."""
+    shapes = np.array([im.shape for im in images], np.int64).reshape(-1, 3)
+    flat = np.concatenate([im.reshape(-1) for im in images]) if images else np.zeros(0)
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, flat=flat.astype(np.uint8), shapes=shapes)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the whole new file
-    return images, "decoded"
+        return True
+    except OSError as e:
+        print(
+            f"WARNING: could not write the image cache {path!r} ({type(e).__name__}: {e}); "
+            "going on with the decoded images in memory.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_folder_images(

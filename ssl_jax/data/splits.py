@@ -83,18 +83,53 @@ def _is_int(s: str) -> bool:
     return True
 
 
-def stem_index(files: Sequence[str]) -> dict[str, str]:
-    """{stem: root-relative file} for one class folder; two files with one stem are an error."""
-    index: dict[str, str] = {}
+def _stem_key(f: str, by_directory: bool) -> str:
+    stem = os.path.splitext(f)[0]
+    return stem if by_directory else os.path.basename(stem)
+
+
+def stem_collisions(files: Sequence[str], *, by_directory: bool = False) -> list[list[str]]:
+    """Groups of files of one class folder that share a stem (x.png and x.tif), in file order.
+
+    `by_directory=False` compares the file name stem only (how split lists match files);
+    `True` compares the path without extension, so sub/x.png and x.png do not collide.
+    """
+    groups: dict[str, list[str]] = {}
     for f in files:
-        stem = os.path.splitext(os.path.basename(f))[0]
-        if stem in index:
-            raise DataError(
-                f"Two images share the stem {stem!r}: {index[stem]!r} and {f!r}; a split list "
-                "cannot tell them apart. Remove one of them."
-            )
-        index[stem] = f
-    return index
+        groups.setdefault(_stem_key(f, by_directory), []).append(f)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def check_stem_collisions(
+    folder_files: Mapping[str, Sequence[str]], *, by_directory: bool, why: str
+) -> None:
+    """Raises one DataError listing every same-stem collision in every class folder."""
+    collisions = [
+        group
+        for files in folder_files.values()
+        for group in stem_collisions(files, by_directory=by_directory)
+    ]
+    if collisions:
+        raise DataError(
+            f"{len(collisions)} group(s) of images share a file stem within a class folder "
+            f"({why}):\n"
+            + "\n".join("  " + ", ".join(group) for group in collisions)
+            + "\nKeep one file of each group (delete or rename the others)."
+        )
+
+
+SPLIT_LIST_COLLISIONS = (
+    "a split list line names a class folder and a stem, so it cannot tell them apart"
+)
+SEEDED_COLLISIONS = (
+    "likely one image in two formats, which a seeded split could put in train and test"
+)
+
+
+def stem_index(files: Sequence[str]) -> dict[str, str]:
+    """{stem: root-relative file} for one class folder; shared stems are an error (all listed)."""
+    check_stem_collisions({"": files}, by_directory=False, why=SPLIT_LIST_COLLISIONS)
+    return {_stem_key(f, False): f for f in files}
 
 
 def match_split_list(

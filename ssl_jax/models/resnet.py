@@ -6,7 +6,7 @@ Module names follow the weight-decay contract of §4.1: the BN of a downsample s
 ``downsample_bn`` (its scale is decayed), every other BN is ``bn*`` / ``stem_bn``.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -88,7 +88,10 @@ class ResNet(nn.Module):
       low_dim: projection dimension D; 0 or None for no projection head.
       width: multiplies every channel count, the projection hidden width included.
       dtype: computation dtype; parameters and BN statistics stay float32.
-      conv_impl: "auto" or a `layers.NAMED_PLANS` key (see `layers.choose_conv_plan`).
+      conv: builds the convolutions, called as ``conv(features, kernel, stride, padding,
+        use_bias=, dtype=, param_dtype=, name=)`` (`layers.Conv`, or a partial of it that
+        injects a CPU formulation: see `ssl_jax.models.conv_layers`).
+      max_pool: the stem's ``max_pool(x, window, stride, padding)``.
     """
 
     stage_sizes: Sequence[int]
@@ -97,17 +100,12 @@ class ResNet(nn.Module):
     low_dim: int | None = 64
     width: float = 1.0
     dtype: Any = jnp.float32
-    conv_impl: str = "auto"
+    conv: ModuleDef = layers.Conv
+    max_pool: Callable[..., Array] = layers.max_pool
 
     @nn.compact
     def __call__(self, images: Array, train: bool) -> tuple[Array, Array | None]:
-        conv = partial(
-            layers.Conv,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            conv_impl=self.conv_impl,
-        )
+        conv = partial(self.conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
         norm = partial(
             nn.BatchNorm,
             use_running_average=not train,
@@ -120,7 +118,7 @@ class ResNet(nn.Module):
         x = images.astype(self.dtype)
         x = conv(scaled(64, self.width), 7, 2, 3, name="stem_conv")(x)
         x = nn.relu(norm(name="stem_bn")(x))
-        x = layers.max_pool(x, 3, 2, 1, impl=self.conv_impl)
+        x = self.max_pool(x, 3, 2, 1)
         for stage, num_blocks in enumerate(self.stage_sizes):
             features = scaled(64 * 2**stage, self.width)
             for index in range(num_blocks):

@@ -66,7 +66,8 @@ class WideResNet(nn.Module):
       widen_factor: 2 gives channels [16, 32, 64, 128].
       width: multiplies every channel count (a test-size knob, 1.0 for the paper model).
       dtype: computation dtype; parameters and BN statistics stay float32.
-      conv_impl: "auto" or a `layers.NAMED_PLANS` key (see `layers.choose_conv_plan`).
+      conv: builds the convolutions (`layers.Conv` or a partial of it: see
+        `ssl_jax.models.conv_layers`).
     """
 
     num_classes: int
@@ -75,7 +76,7 @@ class WideResNet(nn.Module):
     widen_factor: int = 2
     width: float = 1.0
     dtype: Any = jnp.float32
-    conv_impl: str = "auto"
+    conv: ModuleDef = layers.Conv
 
     @nn.compact
     def __call__(self, images: Array, train: bool) -> tuple[Array, Array | None]:
@@ -86,13 +87,7 @@ class WideResNet(nn.Module):
             scaled(c, self.width)
             for c in (16, 16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor)
         ]
-        conv = partial(
-            layers.Conv,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            conv_impl=self.conv_impl,
-        )
+        conv = partial(self.conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
         norm = partial(
             nn.BatchNorm,
             use_running_average=not train,

@@ -1,0 +1,120 @@
+"""The train state and how it is built: model, optimizer and initial state from a config.
+
+`setup(config, num_classes)` is the one way to get them; the trainer, the benchmarks and the
+tests all call it, so they train the same thing.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ssl_jax import optim
+from ssl_jax.algorithms import get_algorithm
+from ssl_jax.algorithms.base import Algorithm
+from ssl_jax.models import get_model
+
+PRECISIONS = {"float32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; saved whole in every checkpoint."""
+
+    step: jax.Array  # int32 scalar: number of optimizer updates done
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any
+    ema_batch_stats: Any  # copied from the online model after every step (§4.3)
+    algo_state: Any  # memory bank, DA history, ... ({} for stateless methods)
+    rng: jax.Array  # raw uint32[2] key; per-step keys are fold_in(rng, step)
+
+
+class Setup(NamedTuple):
+    """What a training run is made of, before any data."""
+
+    model: Any  # a flax Module
+    algorithm: Algorithm
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule  # the schedule inside `tx`: lr of the k-th update (0-based)
+    state: TrainState
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int, algorithm: Algorithm):
+    """The network of `config.model`, with a projection head when the algorithm needs one."""
+    extra = {"conv_impl": config.model.conv_impl} if "conv_impl" in config.model else {}
+    return get_model(
+        config.model.name,
+        num_classes,
+        config.model.low_dim if algorithm.needs_projection else 0,
+        width=config.model.width,
+        dtype=PRECISIONS[config.precision],
+        **extra,
+    )
+
+
+def abstract_variables(model, config: ml_collections.ConfigDict) -> dict:
+    """Shapes and dtypes of the model's variables (params, batch_stats), computing nothing."""
+    size = config.data.crop_size
+    return jax.eval_shape(
+        functools.partial(model.init, train=False),
+        jax.random.PRNGKey(0),
+        jnp.zeros((1, size, size, 3), jnp.float32),
+    )
+
+
+def images_per_step(config: ml_collections.ConfigDict, algorithm: Algorithm) -> int:
+    b = config.data.batch_size
+    return b + len(algorithm.unlabelled_views) * config.data.mu * b
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model,
+    algorithm: Algorithm,
+    tx: optax.GradientTransformation,
+    num_classes: int,
+) -> TrainState:
+    """Initial state; the EMA model starts as a copy of the initial model (§4.3)."""
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    size = config.data.crop_size
+    # Jitted: eager init would compile every initializer op separately (seconds on CPU).
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32))
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    algo_state = algorithm.init_state(
+        config.algorithm,
+        num_classes=num_classes,
+        low_dim=config.model.low_dim,
+        batch_size=config.data.batch_size,
+        mu=config.data.mu,
+    )
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params),
+        ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+        algo_state=algo_state,
+        rng=train_rng,
+    )
+
+
+def setup(config: ml_collections.ConfigDict, num_classes: int) -> Setup:
+    """Model, algorithm, optimizer (with its lr schedule) and initial state of `config`."""
+    algorithm = get_algorithm(config.algorithm.name)
+    model = build_model(config, num_classes, algorithm)
+    tx, lr_schedule = optim.make_optimizer(
+        config.optim, config.train.total_steps, abstract_variables(model, config)["params"]
+    )
+    state = create_train_state(config, model, algorithm, tx, num_classes)
+    return Setup(model=model, algorithm=algorithm, tx=tx, lr_schedule=lr_schedule, state=state)

@@ -1,0 +1,32 @@
+"""Test-only helpers shared by several test files (imported as `from helpers import ...`)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from ssl_jax.algorithms.base import AlgorithmState
+
+
+def state_from_reference(
+    *, queue_feats, queue_probs, queue_ptr, prob_hist, da_len: int
+) -> AlgorithmState:
+    """CoMatch's state from the reference's bank and oldest-first DA history list."""
+    prob_hist = np.asarray(prob_hist, np.float32)
+    h, c = prob_hist.shape
+    if h > da_len:
+        raise ValueError(f"DA history has {h} entries, more than da_len={da_len}")
+    buffer = np.zeros((da_len, c), np.float32)
+    buffer[:h] = prob_hist
+    return {
+        "queue_feats": jnp.asarray(queue_feats, jnp.float32),
+        "queue_probs": jnp.asarray(queue_probs, jnp.float32),
+        "queue_ptr": jnp.asarray(queue_ptr, jnp.int32),
+        "prob_hist": jnp.asarray(buffer),
+        "prob_hist_len": jnp.asarray(h, jnp.int32),
+    }
+
+
+def da_history(state: AlgorithmState) -> np.ndarray:
+    """CoMatch's DA history as the reference's oldest-first list, shape (len, C)."""
+    return np.asarray(state["prob_hist"])[: int(state["prob_hist_len"])]
