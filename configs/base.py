@@ -150,6 +150,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Save the test embeddings after these (1-based) epochs, for t-SNE panels over training
     # (the paper's Fig. 6); -1 means the last epoch.
     train.save_embeddings_epochs = ()
+    # Dotted keys a resume may change on purpose, e.g. '("optim.lr",)' to continue from the
+    # last good checkpoint with a lower learning rate after the NaN guard stopped a run. Any
+    # other change of a workdir's config is refused; accepted changes are recorded in
+    # metrics.jsonl (a "resume_changes" row) and config.json holds the new values.
+    train.resume_changes = ()
 
     # --------------------------------------------------------------------- eval / predict
     config.eval = ev = ml_collections.ConfigDict()

@@ -1,10 +1,17 @@
 """Orbax checkpoints in `<workdir>/checkpoints`: exact resume for training, EMA-only eval restore.
 
-Each checkpoint holds three items: `state` (the whole TrainState: params, BN statistics,
-optimizer, EMA, the algorithm's memory bank and DA history, the rng), `data` (the grain
-iterator position) and `meta` (evaluation history, training time). The latest
-`train.keep_checkpoints` are kept, plus the best by EMA top-1. The resolved config sits
+Each checkpoint holds two items: `state` (the whole TrainState: params, BN statistics,
+optimizer, EMA, the algorithm's memory bank and DA history, the rng, the partial metric sums)
+and `meta` (evaluation history, training time). The batch of step k is a pure function of
+(seed, k), so the data position is `state.step` and needs no item of its own (checkpoints of
+older versions also hold a `data` item, the grain iterator position; it is ignored). The
+latest `train.keep_checkpoints` are kept, plus the best by EMA top-1. The resolved config sits
 beside them in `<workdir>/config.json`.
+
+Damaged checkpoints (a truncated or bit-flipped file, a missing metadata file) are moved aside
+to `<workdir>/checkpoints_damaged/<step>` by `restore_or_keep`, which then resumes from the
+newest intact one; a readable checkpoint that does not fit the train state is an error instead.
+A background save that fails stops the run at the next `check_saves()`.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import sys
+import time
 
-import grain
 import jax
 import ml_collections
 import numpy as np
@@ -26,6 +35,7 @@ from orbax.checkpoint import checkpoint_managers
 from ssl_jax import files
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints_damaged"  # damaged checkpoints are moved here, never deleted
 CONFIG_FILE = "config.json"
 # Keys whose change does not alter the training trajectory, so a resume may change them.
 RESUMABLE_CHANGES = (
@@ -36,6 +46,7 @@ RESUMABLE_CHANGES = (
     "predict.",
     "augment.where",
     "train.keep_checkpoints",
+    "train.resume_changes",
 )
 
 
@@ -103,29 +114,43 @@ def load_saved_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(with_defaults(json.load(f)))
 
 
-def check_config_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_config_compatible(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Refuses to resume a workdir whose run used a different config (nothing is overwritten).
 
     A key the saved config lacks (added to configs/base.py since) compares at its default.
+    Keys listed in `config.train.resume_changes` may differ on purpose (e.g. a lower
+    `optim.lr` after the NaN guard): those changes are returned, as
+    `[{"key": "optim.lr", "saved": 0.03, "now": 0.01}, ...]`, for the run to record. Keys that
+    do not alter the training trajectory (`RESUMABLE_CHANGES`) may always differ.
     """
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
-        return
+        return []
     with open(path) as f:
         saved = flatten_config(with_defaults(json.load(f)))
     current = flatten_config(json.loads(config.to_json_best_effort()))
-    differences = [
-        f"{key}: saved {saved.get(key)!r} != now {current.get(key)!r}"
+    deliberate = tuple(config.train.get("resume_changes", ()))
+    changed = [
+        key
         for key in sorted(set(saved) | set(current))
         if saved.get(key) != current.get(key)
         and not files.matches_key_prefix(key, RESUMABLE_CHANGES)
     ]
-    if differences:
+    refused = [key for key in changed if key not in deliberate]
+    if refused:
+        differences = "; ".join(
+            f"{key}: saved {saved.get(key)!r} != now {current.get(key)!r}" for key in refused
+        )
+        keys = ", ".join(f'"{key}"' for key in refused)
         raise CheckpointError(
             f"{workdir} holds checkpoints of a run with a different config, so resuming would "
-            "mix two experiments. Use a new --workdir, or rerun with the same config. "
-            "Differences: " + "; ".join(differences)
+            "mix two experiments. Use a new --workdir, or rerun with the same config; to "
+            "continue this run from its last checkpoint with changed values on purpose, list "
+            f"the keys in train.resume_changes (--config.train.resume_changes='({keys},)'), and "
+            "the change is recorded in metrics.jsonl and config.json. "
+            f"Differences: {differences}"
         )
+    return [{"key": key, "saved": saved.get(key), "now": current.get(key)} for key in changed]
 
 
 def _shapes_by_path(tree, prefix: str) -> dict[str, tuple]:
@@ -209,36 +234,172 @@ class Checkpointer:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         finally:
             absl_logger.removeFilter(_not_read_only_notice)
+        self.damaged_directory = os.path.join(os.path.abspath(workdir), DAMAGED_DIR)
+        self._saving_step: int | None = None  # the latest background save, until it is done
+        self._save_error: CheckpointError | None = None
+        self._save_reported = False
 
     # ----------------------------------------------------------------------------- train
 
-    def save(self, step: int, state, data_iterator, meta: dict, *, ema_top1: float | None):
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(**items),
-            metrics=None if ema_top1 is None else {"ema_top1": float(ema_top1)},
-            force=True,
-        )
+    def save(self, step: int, state, meta: dict, *, ema_top1: float | None) -> None:
+        """Starts writing checkpoint `step` in the background (the device arrays are copied first).
 
-    def restore_or_keep(self, state, data_iterator):
-        """Restores the latest checkpoint into (state, data_iterator); keeps both if none."""
-        step = self.manager.latest_step()
-        if step is None:
-            return state, {}
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        restored_state = restored["state"]
-        if int(restored_state.step) != step:
-            raise CheckpointError(
-                f"Checkpoint {step} holds state.step={int(restored_state.step)}; it is corrupt."
+        Raises CheckpointError when the previous background save failed, before writing more.
+        """
+        self._raise_save_error(wait=True)
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                metrics=None if ema_top1 is None else {"ema_top1": float(ema_top1)},
+                force=True,
             )
-        return restored_state, dict(restored["meta"])
+        except Exception as err:
+            self._save_reported = True
+            raise CheckpointError(
+                f"Could not save checkpoint {step} to {self.directory}: {_first_line(err)}"
+            ) from err
+        self._saving_step = step
+
+    def check_saves(self) -> None:
+        """Raises CheckpointError if a background save has failed; cheap, never waits.
+
+        Called after every dispatch, so that no steps are trained on top of a checkpoint that
+        does not exist.
+        """
+        self._raise_save_error(wait=False)
+
+    def latest_step(self) -> int | None:
+        """The newest checkpoint that is completely written (waits for a save in flight)."""
+        self._save_failure(wait=True)  # a failed save is dropped from the steps (and reported)
+        step = self.manager.latest_step()
+        return None if step is None else int(step)
+
+    def _save_failure(self, *, wait: bool) -> CheckpointError | None:
+        """The failure of the latest background save, if it has failed (None while in flight)."""
+        if self._save_error is not None or self._saving_step is None:
+            return self._save_error
+        if not wait and self.manager.is_saving_in_progress():
+            return None
+        try:
+            # Joins the finished save thread (at once) and re-raises what killed it.
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as err:
+            last = self.manager.latest_step()
+            self._save_error = CheckpointError(
+                f"Saving checkpoint {self._saving_step} to {self.directory} failed in the "
+                f"background ({_first_line(err)}), so the run stops before training on top of "
+                "a checkpoint that does not exist. Fix the cause (disk full? permissions?) and "
+                "rerun the same command: it resumes from "
+                + (f"checkpoint {last}." if last is not None else "scratch (no checkpoint).")
+            )
+            self._save_error.__cause__ = err
+            return self._save_error
+        self._saving_step = None  # written
+        return None
+
+    def _raise_save_error(self, *, wait: bool) -> None:
+        error = self._save_failure(wait=wait)
+        if error is not None:
+            self._save_reported = True
+            raise error
+
+    def restore_or_keep(self, state):
+        """(state, meta) of the newest intact checkpoint; `(state, {})` where there is none.
+
+        A checkpoint that cannot be read (a truncated or bit-flipped file, a missing metadata
+        file) is reported in one line and moved to `<workdir>/checkpoints_damaged/<step>`, and
+        the next newest is tried. A readable checkpoint whose tree does not fit `state`
+        (another model, or an older ssl_jax) raises CheckpointError and is left in place.
+        """
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        moved = False
+        while (step := self.manager.latest_step()) is not None:
+            step_dir = os.path.join(self.directory, str(step))
+            try:
+                restored = self._restore_train(step, step_dir, abstract)
+            except _Damaged as damage:
+                self._move_damaged(step, step_dir, damage.__cause__)
+                moved = True
+                continue
+            return restored
+        if moved or self._all_moved_aside():
+            raise CheckpointError(
+                f"No intact checkpoint in {self.directory} to resume from: the damaged ones were "
+                f"moved to {self.damaged_directory} (not deleted). Copy intact checkpoints back "
+                f"from a backup, or use a new --workdir; to train this workdir from scratch, "
+                f"delete {self.damaged_directory}."
+            )
+        return state, {}
+
+    def _restore_train(self, step: int, step_dir: str, abstract):
+        """Restores `state` and `meta` of `step`; raises _Damaged where it cannot be read."""
+        # Orbax's event loop closes while tensorstore still settles the reads it abandoned on
+        # an error; their "Event loop is closed" tracebacks would bury the one-line report.
+        previous = sys.unraisablehook
+
+        def drop_closed_loop_noise(unraisable):
+            if "Event loop is closed" not in str(unraisable.exc_value):
+                previous(unraisable)
+
+        sys.unraisablehook = drop_closed_loop_noise
+        try:
+            return self._read_train(step, step_dir, abstract)
+        except _Damaged:
+            time.sleep(0.2)  # let the abandoned reads settle while the filter is in place
+            raise
+        finally:
+            sys.unraisablehook = previous
+
+    def _read_train(self, step: int, step_dir: str, abstract):
+        try:
+            saved = _saved_state_tree(step_dir)
+        except Exception as err:
+            raise _Damaged from err
+        _check_fits(saved, abstract, step_dir)
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as err:
+            if _is_resource_error(err):
+                raise
+            raise _Damaged from err
+        if int(restored["state"].step) != step:
+            raise _Damaged from ValueError(f"it holds state.step={int(restored['state'].step)}")
+        return restored["state"], dict(restored["meta"])
+
+    def _move_damaged(self, step: int, step_dir: str, err: BaseException) -> None:
+        """Moves a damaged step folder under `checkpoints_damaged/` and forgets the step."""
+        destination = os.path.join(self.damaged_directory, str(step))
+        if jax.process_index() == 0:
+            os.makedirs(self.damaged_directory, exist_ok=True)
+            suffix = 1
+            while os.path.exists(destination):
+                destination = os.path.join(self.damaged_directory, f"{step}.{suffix}")
+                suffix += 1
+            shutil.move(step_dir, destination)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"ssl_jax_damaged_checkpoint_{step}")
+        print(
+            f"Checkpoint {step} is damaged ({_first_line(err)}); moved it to {destination} and "
+            "trying the next newest.",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.manager.reload()
+
+    def _all_moved_aside(self) -> bool:
+        """True where every checkpoint of this workdir was moved aside as damaged."""
+        return os.path.isdir(self.damaged_directory) and bool(os.listdir(self.damaged_directory))
 
     # ------------------------------------------------------------------------------ eval
 
@@ -310,9 +471,80 @@ class Checkpointer:
         )
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the save in flight; raises CheckpointError if it failed (and not yet said)."""
+        error = self._save_failure(wait=True)
         self.manager.close()
+        if error is not None and not self._save_reported:
+            self._save_reported = True
+            raise error
 
 
 def _ema_top1(metrics) -> float:
     return float(metrics["ema_top1"])
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    line = lines[0].split(" [tensorstore_spec=")[0] if lines else ""  # drop the long JSON spec
+    text = f"{type(err).__name__}: {line}".rstrip(": ")
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+class _Damaged(Exception):
+    """A checkpoint that cannot be read; the cause says why."""
+
+
+def _is_resource_error(err: BaseException) -> bool:
+    """Out of memory while restoring: the checkpoint may be fine, so it is not moved aside."""
+    return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)
+
+
+def _saved_state_tree(step_dir: str) -> dict:
+    """`{"params/conv/kernel": metadata with .shape and .dtype, ...}` of a checkpoint's state.
+
+    Reads the tree metadata and every array's header: fails on a missing or damaged one.
+    """
+    from etils import epath
+
+    state_dir = os.path.join(step_dir, "state")
+    if not os.path.isdir(state_dir):
+        raise FileNotFoundError(f"{step_dir} holds no 'state' item")
+    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
+    return ocp.tree.to_flat_dict(metadata, sep="/")
+
+
+def _check_fits(saved: dict, abstract, step_dir: str) -> None:
+    """Raises CheckpointError where a readable checkpoint's tree is not that of `abstract`."""
+    expected = ocp.tree.to_flat_dict(abstract, sep="/")
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    differ = [
+        f"{key}: checkpoint {tuple(saved[key].shape)} {np.dtype(saved[key].dtype).name}, "
+        f"now {tuple(expected[key].shape)} {np.dtype(expected[key].dtype).name}"
+        for key in sorted(set(saved) & set(expected))
+        if tuple(saved[key].shape) != tuple(expected[key].shape)
+        or np.dtype(saved[key].dtype) != np.dtype(expected[key].dtype)
+    ]
+    if not (missing or extra or differ):
+        return
+    new_fields = sorted({k.split("/")[0] for k in missing} - {k.split("/")[0] for k in saved})
+    if new_fields:
+        raise CheckpointError(
+            f"The checkpoint {step_dir} was written by an older ssl_jax: it lacks the train "
+            f"state's {', '.join(new_fields)}, so this version cannot resume it exactly. Use a "
+            "new --workdir (evaluation of this workdir still works), or finish the run with the "
+            "ssl_jax version that started it."
+        )
+    problems = (
+        [f"{k}: missing from the checkpoint" for k in missing]
+        + [f"{k}: in the checkpoint, not in the train state" for k in extra]
+        + differ
+    )
+    raise CheckpointError(
+        f"The checkpoint {step_dir} is intact but does not fit the train state that the "
+        f"current config and ssl_jax build ({len(problems)} mismatch(es), e.g. "
+        + "; ".join(problems[:4])
+        + "). Was config.json edited, the checkpoint copied from another run, or ssl_jax "
+        "changed? Resume with the config and version that wrote it, or use a new --workdir. "
+        "Nothing was moved or overwritten."
+    )

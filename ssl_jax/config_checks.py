@@ -234,6 +234,14 @@ def _eval_step(v, _):
     return "must be 'latest', 'best' or a checkpoint step (an integer >= 0)"
 
 
+def _resume_changes(v, config):
+    keys = {key for key, _ in leaves(config)}
+    if not isinstance(v, tuple | list) or not all(isinstance(k, str) for k in v):
+        return "must be a tuple of dotted config keys, e.g. '(\"optim.lr\",)', or ()"
+    unknown = [k for k in v if k not in keys]
+    return f"must name keys of the config (unknown: {unknown})" if unknown else None
+
+
 def _warmup(v, config):
     total = _get(config, "train.total_steps")
     hi = total if _is_int(total) and total > 0 else None
@@ -317,6 +325,7 @@ RULES: dict[str, Rule] = {
     "train.mean_of_last": positive_int,
     "train.save_embeddings_epochs": _save_embeddings_epochs,
     "train.steps_per_dispatch": integer(0, note=" (0 = chosen automatically)"),
+    "train.resume_changes": _resume_changes,
     # eval / predict
     "eval.step": _eval_step,
     "eval.online": boolean,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -176,10 +175,8 @@ class BlockSource:
         self.next_step += self.k
         return stack_steps(batches)
 
-
-def block_spec(block: Mapping[str, Any]):
-    """The abstract value of one step's batch of a block (for `metric_names`)."""
-    return {
-        key: jax.ShapeDtypeStruct(np.shape(value)[1:], np.asarray(value).dtype)
-        for key, value in block.items()
-    }
+    def close(self) -> None:
+        """Stops the grain iterator's worker processes (if any) and frees their memory."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()

@@ -11,10 +11,15 @@ the mesh and sharding in `ssl_jax.devices`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,18 +29,26 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metrics as clu_metrics
 from jax.sharding import Mesh
 
 from ssl_jax import checkpoint as checkpoint_lib
+from ssl_jax import (
+    config_checks,
+    devices,
+    dispatch,
+    files,
+    inference,
+    metric_writers,
+    optim,
+    train_state,
+    xla_cpu,
+)
 from ssl_jax import data as data_lib
-from ssl_jax import devices, files, inference, metric_writers, optim, train_state
-from ssl_jax.algorithms import get_algorithm
 from ssl_jax.algorithms.base import Algorithm
+from ssl_jax.data import protocols
 from ssl_jax.data.normalize import to_network_input
 from ssl_jax.data.protocols import write_split_json
-
-AUGMENT_WHERE = ("host", "device", "auto")
+from ssl_jax.workdir_lock import WorkdirLock
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -43,30 +56,6 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ------------------------------------------------------------------------------- config
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Fails early, naming the key, on values the loop cannot honour."""
-    t = config.train
-    for key in ("total_steps", "steps_per_epoch", "log_every", "checkpoint_every"):
-        if int(t[key]) <= 0:
-            raise ValueError(f"config.train.{key} must be positive, got {t[key]}.")
-    for key in ("steps_per_epoch", "checkpoint_every"):
-        if t[key] % t.log_every:
-            raise ValueError(
-                f"config.train.log_every ({t.log_every}) must divide config.train.{key} "
-                f"({t[key]}) so that checkpoints fall on logging boundaries."
-            )
-    if config.precision not in train_state.PRECISIONS:
-        raise ValueError(
-            f"config.precision must be one of {sorted(train_state.PRECISIONS)}, "
-            f"got {config.precision!r}."
-        )
-    if config.augment.where not in AUGMENT_WHERE:
-        raise ValueError(
-            f"config.augment.where must be one of {AUGMENT_WHERE}, got {config.augment.where!r}."
-        )
-    get_algorithm(config.algorithm.name)  # raises with the known names
 
 
 def resolve_augment_where(config: ml_collections.ConfigDict) -> str:
@@ -100,6 +89,7 @@ def train_step(
     tx: optax.GradientTransformation,
     config: ml_collections.ConfigDict,
     augment_fn: Callable | None = None,
+    platform: str | None = None,
 ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
     """One optimizer step of any algorithm (ALGORITHMS.md §8)."""
     step = state.step
@@ -130,6 +120,7 @@ def train_step(
             epoch=step // steps_per_epoch,
             iteration=step % steps_per_epoch,
             cfg=config.algorithm,
+            platform=platform,
         )
         return loss, (mutated["batch_stats"], algo_state, metrics)
 
@@ -141,12 +132,14 @@ def train_step(
     metrics = dict(metrics)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["param_norm"] = optax.tree.norm(params)
+    ema_params = optim.ema_update(state.ema_params, params, config.ema.decay)
+    metrics["ema_param_norm"] = optax.tree.norm(ema_params)  # the NaN guard watches both
     new_state = state.replace(
         step=step + 1,
         params=params,
         batch_stats=batch_stats,
         opt_state=opt_state,
-        ema_params=optim.ema_update(state.ema_params, params, config.ema.decay),
+        ema_params=ema_params,
         ema_batch_stats=batch_stats,  # buffers are copied, not averaged
         algo_state=algo_state,
     )
@@ -154,14 +147,9 @@ def train_step(
 
 
 def make_train_step(config, model, algorithm, tx, augment_fn=None, mesh: Mesh | None = None):
-    """The step jitted once, with the state donated (and kept replicated over `mesh`)."""
+    """One step jitted alone, the state donated (benchmarks and tests; the loop runs K)."""
     step = functools.partial(
-        train_step,
-        model=model,
-        algorithm=algorithm,
-        tx=tx,
-        config=config,
-        augment_fn=augment_fn,
+        train_step, model=model, algorithm=algorithm, tx=tx, config=config, augment_fn=augment_fn
     )
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,))
@@ -172,10 +160,8 @@ def make_train_step(config, model, algorithm, tx, augment_fn=None, mesh: Mesh | 
 # ------------------------------------------------------------------------------- the loop
 
 
-def _metric_collection(names):
-    return clu_metrics.Collection.create(
-        **{name: clu_metrics.Average.from_output(name) for name in names}
-    )
+class Preempted(SystemExit):
+    """SIGTERM stopped the run at a dispatch boundary, after a checkpoint; rerun to resume."""
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -193,36 +179,147 @@ def _param_count(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming from the latest checkpoint in `workdir`), evaluating the EMA each epoch."""
-    validate_config(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    checkpoint_lib.check_config_compatible(config, workdir)
-    save_config(config, workdir)
+@dataclasses.dataclass
+class Training:
+    """One run's compiled pieces: what the loop dispatches and how its input is made."""
 
-    data = data_lib.load_dataset(config, workdir=workdir, write_split=False)
-    model, algorithm, tx, lr_schedule, state = train_state.setup(config, len(data.class_names))
+    config: ml_collections.ConfigDict
+    data: Any
+    setup: train_state.Setup
+    where: str  # "host" or "device": where augmentation runs
+    steps_per_dispatch: int
+    mesh: Mesh
+    program: Callable  # (state, block, device_data) -> state after K steps, state donated
+    device_data: Any  # the device-resident uint8 pools (on-device augmentation) or None
+    metric_names: list[str]
 
-    where = resolve_augment_where(config)
-    data_iter = data_lib.train_iterator(
-        data,
-        config,
-        views=algorithm.unlabelled_views,
-        mode="host" if where == "host" else "indices",
+    def block_source(self, start_step: int) -> dispatch.BlockSource:
+        """Blocks of K steps from `start_step`: index blocks, or K grain host batches."""
+        views = self.setup.algorithm.unlabelled_views
+        if self.where == "device":
+            maker = data_lib.BatchMaker(
+                self.data.labelled,
+                self.data.unlabelled,
+                seed=int(self.config.seed),
+                batch_size=int(self.config.data.batch_size),
+                mu=int(self.config.data.mu),
+                views=views,
+                mode="indices",
+            )
+            return dispatch.BlockSource(
+                steps_per_dispatch=self.steps_per_dispatch, start_step=start_step, make_batch=maker
+            )
+        iterator = data_lib.train_iterator(
+            self.data, self.config, views=views, start_step=start_step, mode="host"
+        )
+        return dispatch.BlockSource(
+            steps_per_dispatch=self.steps_per_dispatch, start_step=start_step, iterator=iterator
+        )
+
+
+def make_step_fn(config, setup: train_state.Setup, augment_fn=None, *, platform=None):
+    """The one generic train step bound to a run's model, algorithm, optimizer and platform."""
+    return functools.partial(
+        train_step,
+        model=setup.model,
+        algorithm=setup.algorithm,
+        tx=setup.tx,
+        config=config,
+        augment_fn=augment_fn,
+        platform=platform,
     )
+
+
+def prepare_training(config: ml_collections.ConfigDict, data, *, platform: str | None = None):
+    """Model, optimizer, initial state (with empty metric sums) and the K-step program.
+
+    `platform` (None: jax's default) is the one platform value the model's convolutions
+    and the losses are built for.
+    """
+    platform = platform or xla_cpu.default_platform()
+    setup = train_state.setup(config, len(data.class_names), platform=platform)
+    algorithm = setup.algorithm
+    where = resolve_augment_where(config)
+    k = dispatch.resolve_steps_per_dispatch(config.train, where)
     device_data, augment_fn = None, None
     if where == "device":
-        from ssl_jax.data import device_augment_views
+        device_data, augment_fn = data_lib.device_augment_views(
+            data, config, algorithm.unlabelled_views
+        )
+    mesh = devices.make_mesh()
+    step_fn = make_step_fn(config, setup, augment_fn, platform=platform)
+    training = Training(
+        config=config,
+        data=data,
+        setup=setup,
+        where=where,
+        steps_per_dispatch=k,
+        mesh=mesh,
+        program=dispatch.make_multi_step(step_fn, log_every=config.train.log_every, mesh=mesh),
+        device_data=None if device_data is None else devices.replicate(device_data, mesh),
+        metric_names=[],
+    )
+    training.metric_names = dispatch.metric_names(
+        step_fn, setup.state, _step_spec(training), device_data
+    )
+    empty = dispatch.empty_metric_sums(training.metric_names)
+    training.setup = setup._replace(state=setup.state.replace(metric_sums=empty))
+    return training
 
-        device_data, augment_fn = device_augment_views(data, config, algorithm.unlabelled_views)
 
+def _step_spec(training: Training) -> dict:
+    """Shapes and dtypes of one step's batch, without augmenting anything."""
+    views = training.setup.algorithm.unlabelled_views
+    data_cfg = training.config.data
+    maker = data_lib.BatchMaker(
+        training.data.labelled,
+        training.data.unlabelled,
+        seed=int(training.config.seed),
+        batch_size=int(data_cfg.batch_size),
+        mu=int(data_cfg.mu),
+        views=views,
+        mode="indices",
+    )
+    spec = {key: jax.ShapeDtypeStruct(v.shape, v.dtype) for key, v in maker(0).items()}
+    if training.where == "host":
+        size = int(data_cfg.crop_size)
+        for view, rows in (
+            ("x", data_cfg.batch_size),
+            *((v, data_cfg.mu * data_cfg.batch_size) for v in views),
+        ):
+            spec[view] = jax.ShapeDtypeStruct((rows, size, size, 3), np.uint8)
+    return spec
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict:
+    """Trains (resuming from the latest checkpoint in `workdir`), evaluating the EMA each epoch.
+
+    One run per workdir: a second run on the same workdir fails at once (`WorkdirLock`).
+    `data` (a `SemiSupervisedData`) replaces `config.data` as the source, for benchmarks.
+    """
+    config_checks.validate_config(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir), _stop_on_sigterm() as stop:
+        return _train(config, workdir, data, stop)
+
+
+def _train(config, workdir, data, stop) -> dict:
+    changes = checkpoint_lib.check_config_compatible(config, workdir) or []
+    config.data.name = protocols.dataset_name(config.data)
+    save_config(config, workdir)
+    if data is None:
+        data = data_lib.load_dataset(config, workdir=workdir, write_split=False)
+    training = prepare_training(config, data)
     manager = checkpoint_lib.Checkpointer(workdir, config)
-    state, meta = manager.restore_or_keep(state, data_iter)
+    try:
+        state, meta = manager.restore_or_keep(training.setup.state)
+    except BaseException:
+        manager.close()
+        raise
     start_step = int(state.step)
     if meta.get("split_hash", data.split_hash) != data.split_hash:
         manager.close()
-        data_iter.close()
         raise checkpoint_lib.CheckpointError(
             f"The data changed since {workdir} was checkpointed: split hash "
             f"{meta['split_hash']} then, {data.split_hash} now (see split.json). Resuming would "
@@ -237,94 +334,182 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config.train.total_steps,
         )
         manager.close()
-        data_iter.close()
         return meta
 
-    mesh = devices.make_mesh()
-    state = devices.replicate(state, mesh)
-    if device_data is not None:
-        device_data = devices.replicate(device_data, mesh)
-    step_fn = make_train_step(config, model, algorithm, tx, augment_fn, mesh)
+    state = devices.replicate(state, training.mesh)
     writer = metric_writers.MetricWriter(workdir, start_step=start_step)
     if start_step == 0:
-        writer.write(
-            "run",
-            0,
-            {
-                "protocol": data.protocol,
-                "split_hash": data.split_hash,
-                "num_labelled": len(data.labelled.labels),
-                "num_unlabelled": len(data.unlabelled.labels),
-                "num_test": len(data.test.labels),
-                "num_params": _param_count(state.params),
-                "augment_where": where,
-                "device": str(jax.devices()[0]),
-                "jax_version": jax.__version__,
-            },
-        )
+        writer.write("run", 0, _run_record(training, state))
     else:
         print(f"Resuming from step {start_step} ({workdir}).", flush=True)
-    per_step = train_state.images_per_step(config, algorithm)
-    progress = metric_writers.Progress(config.train.total_steps, per_step, start_step)
-    t = config.train
+    if changes:
+        writer.write("resume_changes", start_step, {"changes": changes})
+        print(f"Resuming with changed settings: {changes}", flush=True)
+    source = training.block_source(start_step)
+    try:
+        _, meta = run_loop(
+            training,
+            state,
+            source,
+            manager=manager,
+            writer=writer,
+            meta=meta,
+            workdir=workdir,
+            stop=stop,
+        )
+        return meta
+    finally:
+        manager.close()
+        writer.close()
+        source.close()  # stops grain worker processes and frees their shared memory
+
+
+def _run_record(training: Training, state) -> dict:
+    data = training.data
+    return {
+        "protocol": data.protocol,
+        "split_hash": data.split_hash,
+        "num_labelled": len(data.labelled.labels),
+        "num_unlabelled": len(data.unlabelled.labels),
+        "num_test": len(data.test.labels),
+        "num_params": _param_count(state.params),
+        "augment_where": training.where,
+        "steps_per_dispatch": training.steps_per_dispatch,
+        "device": str(jax.devices()[0]),
+        "jax_version": jax.__version__,
+    }
+
+
+def run_loop(
+    training: Training,
+    state,
+    source,
+    *,
+    manager,
+    writer,
+    meta,
+    workdir,
+    stop=None,
+    evaluate=True,
+    stop_step: int | None = None,
+):
+    """Dispatches K steps at a time from `state.step` to `stop_step` (default: the end), with
+    logging, evaluation and checkpoints on the boundaries; returns (state, meta).
+
+    The host's per-dispatch work: make the next block (while the device runs the current
+    one) and, at boundaries only, read the metric sums. `benchmarks/loop_throughput.py` times
+    this function itself (no `manager`: no checkpoints; `evaluate=False`: no evaluation).
+    """
+    config, t = training.config, training.config.train
+    k = training.steps_per_dispatch
+    start_step = int(state.step)
+    per_step = train_state.images_per_step(config, training.setup.algorithm)
+    progress = metric_writers.Progress(t.total_steps, per_step, start_step)
     num_epochs = math.ceil(t.total_steps / t.steps_per_epoch)
-    collection, accumulated, interval_start = None, None, start_step + 1
+    interval_start = start_step - start_step % t.log_every + 1
     elapsed_before = float(meta.get("train_seconds", 0.0))
     run_start = time.perf_counter()
     evaluate_epoch = functools.partial(
         _evaluate_epoch,
-        model=model,
-        data=data,
+        model=training.setup.model,
+        data=training.data,
         config=config,
         writer=writer,
         meta=meta,
         workdir=workdir,
         embed_epochs=_embeddings_epochs(config, num_epochs),
     )
+    lr_schedule = jax.jit(training.setup.lr_schedule)  # eager optax: ~20 ms on a CPU
+    end = t.total_steps if stop_step is None else int(stop_step)
+    block = source.next_block()
+    for first in range(start_step, end, k):
+        state = training.program(
+            state, dispatch.shard_block(block, training.mesh), training.device_data
+        )
+        done = first + k
+        if done < end:
+            block = source.next_block()  # made on the host while the device runs
+        if manager is not None:
+            manager.check_saves()
+        saved = False
+        if done % t.log_every == 0 or done == t.total_steps:
+            values = dispatch.read_metric_sums(state.metric_sums)
+            _check_finite(values, interval_start, done, writer, manager)
+            # The lr of the interval's last update, from the schedule inside the optimizer.
+            values["lr"] = float(lr_schedule(done - 1))
+            timing = progress.tick(done)
+            values.update(timing)
+            writer.write("train", done, values)
+            progress.line(done, values, timing)
+            interval_start = done + 1
+        epoch_end = done % t.steps_per_epoch == 0 or done == t.total_steps
+        top1 = evaluate_epoch(state, done) if epoch_end and evaluate else None
+        preempted = stop is not None and stop.is_set()
+        if manager is not None and (epoch_end or done % t.checkpoint_every == 0 or preempted):
+            meta["train_seconds"] = elapsed_before + time.perf_counter() - run_start
+            meta["step"] = done
+            manager.save(done, state, meta, ema_top1=top1)
+            saved = True
+            progress.restart()  # img/s measures training steps, not evaluation or saving
+        if preempted and done < t.total_steps:
+            if manager is not None:
+                manager.close()
+            raise Preempted(
+                f"Stopped by SIGTERM after step {done} of {t.total_steps}"
+                + (f"; checkpoint {done} written to {manager.directory}" if saved else "")
+                + ". Rerun the same command to resume exactly from there."
+            )
+    return state, meta
 
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM (preemption) sets a flag the loop reads at the next dispatch boundary."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        print(
+            "SIGTERM received: stopping at the next dispatch boundary.", file=sys.stderr, flush=True
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
     try:
-        for step in range(start_step, t.total_steps):
-            batch = devices.shard_batch(next(data_iter), mesh)
-            state, metrics = step_fn(state, batch, device_data)
-            if collection is None:
-                collection = _metric_collection(sorted(metrics))
-            update = collection.single_from_model_output(**metrics)
-            accumulated = update if accumulated is None else accumulated.merge(update)
-            done = step + 1
-            if done % t.log_every == 0 or done == t.total_steps:
-                values = {k: float(v) for k, v in accumulated.compute().items()}
-                _check_finite(values, interval_start, done, writer, manager.directory)
-                # The lr of the interval's last update, from the schedule inside the optimizer.
-                values["lr"] = float(lr_schedule(step))
-                timing = progress.tick(done)
-                values.update(timing)
-                writer.write("train", done, values)
-                progress.line(done, values, timing)
-                accumulated, interval_start = None, done + 1
-            epoch_end = done % t.steps_per_epoch == 0 or done == t.total_steps
-            top1 = evaluate_epoch(state, done) if epoch_end else None
-            if epoch_end or done % t.checkpoint_every == 0:
-                meta["train_seconds"] = elapsed_before + time.perf_counter() - run_start
-                meta["step"] = done
-                manager.save(done, state, data_iter, meta, ema_top1=top1)
-                progress.restart()  # img/s measures training steps, not evaluation or saving
+        yield stop
     finally:
-        manager.close()
-        writer.close()
-        data_iter.close()  # stops grain worker processes and frees their shared memory
-    return meta
+        signal.signal(signal.SIGTERM, previous)
 
 
-def _check_finite(values, first_step, last_step, writer, checkpoint_dir) -> None:
-    """The NaN guard: stops the run before a non-finite state can be checkpointed."""
-    if math.isfinite(values["loss"]) and math.isfinite(values["param_norm"]):
+def _check_finite(values, first_step, last_step, writer, manager) -> None:
+    """The NaN guard: stops the run before a non-finite state can be checkpointed.
+
+    Checks the loss and the online and EMA parameters; says which checkpoint is the last
+    good one (or that there is none) and how to continue from it with a lower learning rate.
+    """
+    watched = ("loss", "param_norm", "ema_param_norm")
+    if all(math.isfinite(values[key]) for key in watched if key in values):
         return
     writer.write("train", last_step, values)
+    found = ", ".join(f"{key}={values[key]}" for key in watched if key in values)
+    last = None if manager is None else manager.latest_step()
+    if last is None:
+        advice = (
+            "No checkpoint was written before this, so there is nothing to resume: lower "
+            "optim.lr (or check the data) and start again in this workdir."
+        )
+    else:
+        advice = (
+            f"The last good checkpoint is step {last} in {manager.directory} (untouched). "
+            "To continue from it with a lower learning rate, rerun with e.g. "
+            "--config.optim.lr=<lower> --config.train.resume_changes='(\"optim.lr\",)'; "
+            "the change is recorded in metrics.jsonl and config.json."
+        )
     raise NonFiniteLossError(
-        f"Non-finite loss or parameters between steps {first_step} and {last_step} "
-        f"(loss={values['loss']}, param_norm={values['param_norm']}). The last good checkpoint "
-        f"in {checkpoint_dir} is untouched; lower the learning rate or check the data before "
-        "resuming."
+        f"Non-finite values between steps {first_step} and {last_step} ({found}). {advice}"
     )
 
 
@@ -336,7 +521,9 @@ def _evaluate_epoch(state, done, *, model, data, config, writer, meta, workdir, 
         model,
         state.ema_params,
         state.ema_batch_stats,
-        data_lib.test_batches(data.test, config.data.eval_batch_size),
+        data_lib.test_batches(
+            data.test, config.data.eval_batch_size, crop_size=config.data.crop_size
+        ),
     )
     history = meta.setdefault("eval_top1_history", [])
     history.append(result["top1"])

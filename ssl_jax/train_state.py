@@ -35,6 +35,9 @@ class TrainState:
     ema_batch_stats: Any  # copied from the online model after every step (§4.3)
     algo_state: Any  # memory bank, DA history, ... ({} for stateless methods)
     rng: jax.Array  # raw uint32[2] key; per-step keys are fold_in(rng, step)
+    # The logged values summed since the current logging interval began, inside the program
+    # (`ssl_jax.dispatch`): {name: clu.metrics.Average}; None until the loop knows the names.
+    metric_sums: Any = None
 
 
 class Setup(NamedTuple):
@@ -47,16 +50,26 @@ class Setup(NamedTuple):
     state: TrainState
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, algorithm: Algorithm):
-    """The network of `config.model`, with a projection head when the algorithm needs one."""
-    extra = {"conv_impl": config.model.conv_impl} if "conv_impl" in config.model else {}
+def build_model(
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    algorithm: Algorithm,
+    *,
+    platform: str | None = None,
+):
+    """The network of `config.model`, with a projection head when the algorithm needs one.
+
+    `platform` ("cpu", "cuda", ...; None: jax's default) picks the convolution formulations
+    (`config.model.conv_impl`) once, here, so the model holds only what that platform runs.
+    """
     return get_model(
         config.model.name,
         num_classes,
         config.model.low_dim if algorithm.needs_projection else 0,
         width=config.model.width,
         dtype=PRECISIONS[config.precision],
-        **extra,
+        conv_impl=config.model.conv_impl,
+        platform=platform,
     )
 
 
@@ -109,12 +122,23 @@ def create_train_state(
     )
 
 
-def setup(config: ml_collections.ConfigDict, num_classes: int) -> Setup:
-    """Model, algorithm, optimizer (with its lr schedule) and initial state of `config`."""
+def setup(
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    *,
+    platform: str | None = None,
+    abstract: bool = False,
+) -> Setup:
+    """Model, algorithm, optimizer (with its lr schedule) and initial state of `config`.
+
+    `abstract=True` gives the state's shapes and dtypes only (nothing computed), e.g. to
+    lower the training program for another platform.
+    """
     algorithm = get_algorithm(config.algorithm.name)
-    model = build_model(config, num_classes, algorithm)
+    model = build_model(config, num_classes, algorithm, platform=platform)
     tx, lr_schedule = optim.make_optimizer(
         config.optim, config.train.total_steps, abstract_variables(model, config)["params"]
     )
-    state = create_train_state(config, model, algorithm, tx, num_classes)
+    create = functools.partial(create_train_state, config, model, algorithm, tx, num_classes)
+    state = jax.eval_shape(create) if abstract else create()
     return Setup(model=model, algorithm=algorithm, tx=tx, lr_schedule=lr_schedule, state=state)

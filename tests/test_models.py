@@ -1,5 +1,6 @@
 """Backbones: ALGORITHMS.md §3 architecture, parameter counts, init, BN, heads, §4.1 names."""
 
+import functools
 import math
 
 import chex
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+from ssl_jax import models
 from ssl_jax.models import CPU_PLANS, MODELS, conv_layers, cpu_conv, get_model, layers
 
 TINY_WIDTH = 0.125
@@ -277,6 +279,9 @@ def _cpu_plans_raise(monkeypatch):
         monkeypatch.setattr(cpu_conv, name, forbidden)
     for name in ("max_pool_argmax", "conv_patches", "conv_dense", "conv_taps"):
         monkeypatch.setattr(cpu_conv, name, forbidden)
+    # A fresh cache of the CPU layers, so earlier builds cannot hand back the real ones.
+    fresh = functools.cache(models._cpu_conv_layers.__wrapped__)
+    monkeypatch.setattr(models, "_cpu_conv_layers", fresh)
 
 
 def _train_grad(model):

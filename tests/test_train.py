@@ -16,7 +16,7 @@ import pytest
 from conftest import tiny_run_config
 
 from ssl_jax import checkpoint as checkpoint_lib
-from ssl_jax import evaluate, metric_writers, train, train_state
+from ssl_jax import dispatch, evaluate, metric_writers, train, train_state
 from ssl_jax.algorithms import get_algorithm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -33,10 +33,10 @@ def records(workdir, kind):
 
 def test_supervised_run_logs_checkpoints_and_evaluates(tmp_path, cache_dir, monkeypatch):
     config = tiny_run_config("ucm10_supervised", cache_dir)
-    made = []  # every jitted step the loop builds
-    make_train_step = train.make_train_step
+    made = []  # every jitted K-step program the loop builds
+    make_multi_step = dispatch.make_multi_step
     monkeypatch.setattr(
-        train, "make_train_step", lambda *a, **k: made.append(make_train_step(*a, **k)) or made[-1]
+        dispatch, "make_multi_step", lambda *a, **k: made.append(make_multi_step(*a, **k)) or made[-1]
     )
     meta = train.train_and_evaluate(config, str(tmp_path))
     # Jitted once, never retraced in the loop: one function, one compiled signature.

@@ -32,6 +32,7 @@ class LossFromOutputs(Protocol):
         epoch: jax.Array,
         iteration: jax.Array,
         cfg: ml_collections.ConfigDict,
+        platform: str | None = None,
     ) -> tuple[jax.Array, tuple[AlgorithmState, Metrics]]:
         """Returns ``(loss, (new_state, metrics))``.
 
@@ -42,6 +43,8 @@ class LossFromOutputs(Protocol):
         state:  the algorithm's own state (``{}`` for stateless methods).
         epoch, iteration: int32 scalars, ``step // steps_per_epoch`` and ``step % ...``.
         cfg:    the ``config.algorithm`` ConfigDict (read at trace time; static).
+        platform: the platform the step is built for ("cpu", "cuda", ...; None: jax's
+                default), for formulations that differ by platform (triplet anchor blocks).
         metrics: float32 scalars, always ``loss`` and ``loss_x``, plus every other term.
         """
 

@@ -140,11 +140,13 @@ def _base_loss(terms: Mapping[str, Any], cfg: ml_collections.ConfigDict) -> jax.
     return terms["loss_x"] + cfg.lambda_u * terms["loss_u"] + cfg.lambda_c * terms["loss_c"]
 
 
-# An extension's term on top of CoMatch: (terms, cfg) -> (weighted loss, its metrics).
-ExtraTerm = Callable[[Mapping[str, Any], ml_collections.ConfigDict], tuple[jax.Array, Metrics]]
+# An extension's term on top of CoMatch: (terms, cfg, platform) -> (weighted loss, metrics).
+ExtraTerm = Callable[
+    [Mapping[str, Any], ml_collections.ConfigDict, str | None], tuple[jax.Array, Metrics]
+]
 
 
-def _ccssl_extra(terms, cfg):
+def _ccssl_extra(terms, cfg, platform):
     """CoMatch+CCSSL (§7.3): ``λccssl·L_ccssl`` on (zs0, zs1) with smoothed confidences."""
     loss_ccssl = ccssl.ccssl_term(
         view0=terms["feats_s0"],
@@ -156,10 +158,17 @@ def _ccssl_extra(terms, cfg):
     return cfg.lambda_ccssl * loss_ccssl, {"loss_ccssl": loss_ccssl}
 
 
-def _triplet_extra(terms, cfg):
-    """CoMatch+Triplet (§6): ``λdml·L_dml`` on zs0 with the unmasked hard guesses (Q13)."""
+def _triplet_extra(terms, cfg, platform):
+    """CoMatch+Triplet (§6): ``λdml·L_dml`` on zs0 with the unmasked hard guesses (Q13).
+
+    The miner's anchor blocking is chosen for the platform the step is built for.
+    """
+    guess = terms["guess"]
     loss_dml, stats = losses.semihard_triplet_loss(
-        embeddings=terms["feats_s0"], labels=terms["guess"], margin=cfg.triplet_margin
+        embeddings=terms["feats_s0"],
+        labels=guess,
+        margin=cfg.triplet_margin,
+        anchor_block=losses.default_triplet_anchor_block(guess.shape[0], platform),
     )
     return cfg.lambda_dml * loss_dml, {
         "loss_dml": loss_dml,
@@ -172,7 +181,7 @@ def _triplet_extra(terms, cfg):
 def _comatch_family_loss(extra: ExtraTerm | None, doc: str):
     """The `loss_from_outputs` of CoMatch plus an optional extension term."""
 
-    def loss_from_outputs(*, logits, feats, batch, state, epoch, iteration, cfg):
+    def loss_from_outputs(*, logits, feats, batch, state, epoch, iteration, cfg, platform=None):
         terms = comatch_terms(
             logits=logits,
             feats=feats,
@@ -185,7 +194,7 @@ def _comatch_family_loss(extra: ExtraTerm | None, doc: str):
         loss = _base_loss(terms, cfg)
         extra_metrics = {}
         if extra is not None:
-            extra_loss, extra_metrics = extra(terms, cfg)
+            extra_loss, extra_metrics = extra(terms, cfg, platform)
             loss = loss + extra_loss
         metrics = {"loss": loss, **_base_metrics(terms, batch), **extra_metrics}
         return loss, (terms["new_state"], metrics)

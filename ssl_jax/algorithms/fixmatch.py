@@ -34,14 +34,14 @@ def fixmatch_terms(*, logits, batch, cfg, num_views):
     return loss_x + cfg.lambda_u * loss_u, metrics, aux
 
 
-def fixmatch_loss(*, logits, feats, batch, state, epoch, iteration, cfg):
+def fixmatch_loss(*, logits, feats, batch, state, epoch, iteration, cfg, platform=None):
     """FixMatch: ``L = L_x + λu·L_u`` on ``[x ; u_w ; u_s]``."""
     del feats, epoch, iteration
     loss, metrics, _ = fixmatch_terms(logits=logits, batch=batch, cfg=cfg, num_views=2)
     return loss, (state, {"loss": loss, **metrics})
 
 
-def fixmatch_ccssl_loss(*, logits, feats, batch, state, epoch, iteration, cfg):
+def fixmatch_ccssl_loss(*, logits, feats, batch, state, epoch, iteration, cfg, platform=None):
     """FixMatch+CCSSL: adds ``λc·L_ccssl`` on (z(u_s), z(u_s1)) with FixMatch's confidences."""
     del epoch, iteration
     loss, metrics, aux = fixmatch_terms(logits=logits, batch=batch, cfg=cfg, num_views=3)

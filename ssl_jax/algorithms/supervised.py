@@ -8,7 +8,7 @@ from ssl_jax import losses
 from ssl_jax.algorithms.base import Algorithm, stateless_init_state
 
 
-def supervised_loss(*, logits, feats, batch, state, epoch, iteration, cfg):
+def supervised_loss(*, logits, feats, batch, state, epoch, iteration, cfg, platform=None):
     """``L = L_x``; the unlabelled batches the loop draws are never forwarded."""
     del feats, epoch, iteration, cfg
     loss_x = jnp.mean(losses.cross_entropy(logits=logits.astype(jnp.float32), labels=batch["y"]))

@@ -1,0 +1,154 @@
+"""Times the training loop itself (`train.run_loop`, what launch.py runs), not just the step.
+
+    python benchmarks/loop_throughput.py --steps-per-dispatch 64        # CoMatch+Triplet, B32 mu7
+    python benchmarks/loop_throughput.py --width 0.0625 --batch 8 --mu 2 --steps-per-dispatch 64
+    python benchmarks/loop_throughput.py --augment host --workers -1    # grain feeds the loop
+
+Synthetic uint8 images. With `--augment device` (the default) they sit on the device and the
+loop hands the K-step program one block of sample indices per dispatch; with `--augment host`
+the grain/PIL pipeline makes the views and each dispatch takes a block of K host batches.
+Each round times, one after the other in alternating order:
+  loop:    `train.run_loop` over --steps steps (one logging interval: the metric sums are read
+           once at its end; no evaluation, no checkpoints), synchronised at the end;
+  program: the same compiled K-step program called --steps/K times on one fixed block.
+Medians over --rounds rounds, after --warmup steps (compilation excluded). The last line is
+one JSON object: ms_per_step_loop, ms_per_step_program and host_ms_per_step (their
+difference: what the loop adds per step on the host), with the device and versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks import step_throughput  # noqa: E402
+from ssl_jax import devices, dispatch, metric_writers, train, xla_cpu  # noqa: E402
+from ssl_jax.data.synthetic import synthetic_dataset  # noqa: E402
+
+
+def build_parser():
+    p = step_throughput.build_parser(__doc__.split("\n")[0])
+    p.set_defaults(augment="device", steps=64, warmup=64)
+    p.add_argument("--steps-per-dispatch", type=int, default=64, help="K (must divide --steps)")
+    p.add_argument("--rounds", type=int, default=5)
+    return p
+
+
+def make_config(args):
+    config = step_throughput.make_config(args)
+    if args.augment == "none":
+        raise SystemExit("--augment none has no loop to time; use device or host.")
+    k = args.steps_per_dispatch
+    if args.steps % k or args.warmup % k:
+        raise SystemExit(
+            f"--steps ({args.steps}) and --warmup ({args.warmup}) must be multiples "
+            f"of --steps-per-dispatch ({k})."
+        )
+    total = args.warmup + 2 * args.rounds * args.steps
+    config.train.steps_per_dispatch = k
+    config.train.log_every = args.steps  # one read of the metric sums per timed window
+    config.train.steps_per_epoch = config.train.checkpoint_every = args.steps * max(
+        1, -(-total // args.steps)
+    )
+    config.train.total_steps = config.train.steps_per_epoch
+    return config
+
+
+def run(args) -> dict:
+    config = make_config(args)
+    data = synthetic_dataset(
+        num_classes=args.classes,
+        num_unlabelled=args.images,
+        num_labelled=max(4 * args.classes, args.batch),
+        seed=args.seed,
+    )
+    training = train.prepare_training(config, data)
+    state = devices.replicate(training.setup.state, training.mesh)
+    k = training.steps_per_dispatch
+    workdir = tempfile.mkdtemp(prefix="loop_throughput_")
+    writer = metric_writers.MetricWriter(workdir, tensorboard=False)
+    source = training.block_source(0)
+    quiet = open(os.devnull, "w")  # noqa: SIM115 - the loop's progress lines are not the output
+
+    def loop(state, steps):
+        stdout, sys.stdout = sys.stdout, quiet
+        try:
+            state, _ = train.run_loop(
+                training,
+                state,
+                source,
+                manager=None,
+                writer=writer,
+                meta={},
+                workdir=workdir,
+                evaluate=False,
+                stop_step=int(state.step) + steps,
+            )
+        finally:
+            sys.stdout = stdout
+        return jax.block_until_ready(state)
+
+    compile_start = time.perf_counter()
+    state = loop(state, k)  # compiles the program
+    compile_s = time.perf_counter() - compile_start
+    if args.warmup > k:
+        state = loop(state, args.warmup - k)
+    fixed = dispatch.shard_block(source.next_block(), training.mesh)
+
+    def program(state, steps):
+        for _ in range(steps // k):
+            state = training.program(state, fixed, training.device_data)
+        return jax.block_until_ready(state)
+
+    loop_ms, program_ms = [], []
+    for r in range(args.rounds):
+        order = (("loop", loop), ("program", program))
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            state = fn(state, args.steps)
+            ms = 1e3 * (time.perf_counter() - start) / args.steps
+            (loop_ms if name == "loop" else program_ms).append(ms)
+    writer.close()
+    source.close()
+    loop_med, program_med = statistics.median(loop_ms), statistics.median(program_ms)
+    images = train.train_state.images_per_step(config, training.setup.algorithm)
+    return {
+        "benchmark": "loop_throughput",
+        "steps_per_dispatch": k,
+        "ms_per_step_loop": round(loop_med, 4),
+        "ms_per_step_program": round(program_med, 4),
+        "host_ms_per_step": round(loop_med - program_med, 4),
+        "loop_ms_rounds": [round(x, 4) for x in loop_ms],
+        "program_ms_rounds": [round(x, 4) for x in program_ms],
+        "img_per_s_loop": round(1e3 * images / loop_med, 1),
+        "compile_s": round(compile_s, 2),
+        "algorithm": args.algorithm,
+        "model": args.model,
+        "width": args.width,
+        "batch": args.batch,
+        "mu": args.mu,
+        "images_per_step": images,
+        "precision": args.precision,
+        "augment": args.augment,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        **step_throughput.device_info(),
+    }
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    xla_cpu.prefer_eigen_convolutions()  # the CPU convolution library launch.py uses
+    print(json.dumps(run(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
