@@ -145,6 +145,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.steps_per_epoch = 1024  # "eval_step": one EMA evaluation per epoch
     train.log_every = 128  # must divide checkpoint_every and steps_per_epoch
     train.checkpoint_every = 1024
+    # K training steps per dispatch: one jitted jax.lax.scan runs K steps on the device, with
+    # the logged values summed inside it, so the host visits once per K steps. A K set here
+    # must divide log_every, steps_per_epoch, checkpoint_every and total_steps (logging,
+    # evaluation and checkpoints fall between dispatches; the error names what to change).
+    # 0 = automatic: the largest K that divides all four and is at most 64 with on-device
+    # augmentation (a block is a few kB of sample indices) or 8 with host augmentation (a
+    # block holds K augmented batches). Any K trains the same function (ssl_jax/dispatch.py).
+    train.steps_per_dispatch = 0
     train.keep_checkpoints = 3  # the latest N are kept, plus the best by EMA top-1
     train.mean_of_last = 20  # "Mean top-1 acc": mean of the last N evaluations (§4.4)
     # Save the test embeddings after these (1-based) epochs, for t-SNE panels over training

@@ -54,9 +54,7 @@ def test_k_step_training_program_lowers_for_cuda_at_paper_shapes():
     assert train_state.images_per_step(config, setup.algorithm) == 704
     assert config.data.crop_size == 60 and config.model.name == "resnet18"
 
-    step_fn = train.make_step_fn(
-        config, setup, make_augment_fn(config, views), platform="cuda"
-    )
+    step_fn = train.make_step_fn(config, setup, make_augment_fn(config, views), platform="cuda")
     device_data = _spec(device_cache(data))
     b, bu = config.data.batch_size, config.data.mu * config.data.batch_size
     one_step = {

@@ -18,6 +18,7 @@ from conftest import tiny_run_config
 from ssl_jax import checkpoint as checkpoint_lib
 from ssl_jax import dispatch, evaluate, metric_writers, train, train_state
 from ssl_jax.algorithms import get_algorithm
+from ssl_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,9 @@ def test_supervised_run_logs_checkpoints_and_evaluates(tmp_path, cache_dir, monk
     made = []  # every jitted K-step program the loop builds
     make_multi_step = dispatch.make_multi_step
     monkeypatch.setattr(
-        dispatch, "make_multi_step", lambda *a, **k: made.append(make_multi_step(*a, **k)) or made[-1]
+        dispatch,
+        "make_multi_step",
+        lambda *a, **k: made.append(make_multi_step(*a, **k)) or made[-1],
     )
     meta = train.train_and_evaluate(config, str(tmp_path))
     # Jitted once, never retraced in the loop: one function, one compiled signature.
@@ -156,40 +159,65 @@ def _launch(workdir, *extra):
         "--config.train.checkpoint_every=16",
         "--config.train.log_every=8",
         "--config.eval.after_training=False",
+        "--config.train.steps_per_dispatch=4",
         *extra,
     ]
 
 
-def test_sigkill_after_first_checkpoint_then_rerun_matches_uninterrupted(tmp_path, cache_dir):
-    env = dict(os.environ)
-    cache = f"--config.data.cache_dir={cache_dir}"
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(
-        _launch(full, cache), cwd=REPO, env=env, check=True, capture_output=True, timeout=600
-    )
-
-    proc = subprocess.Popen(
-        _launch(killed, cache),
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    first = killed / "checkpoints" / "16"
+def _start_and_wait_for_first_checkpoint(workdir, cache, env, **popen):
+    proc = subprocess.Popen(_launch(workdir, cache), cwd=REPO, env=env, **popen)
+    first = workdir / "checkpoints" / "16"
     deadline = time.time() + 300
     while not first.is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
+    return proc, first
+
+
+def test_sigkill_or_sigterm_then_rerun_matches_uninterrupted_and_a_second_run_is_refused(
+    tmp_path, cache_dir
+):
+    """K steps per dispatch (K = 4 here): SIGKILL, or SIGTERM (a checkpoint at the next
+    dispatch boundary, with the partial metric sums), then the same command again, logs what
+    an uninterrupted run logs; a second run on a workdir in use fails at once, naming it."""
+    env = dict(os.environ)
+    cache = f"--config.data.cache_dir={cache_dir}"
+    full, killed, termed = tmp_path / "full", tmp_path / "killed", tmp_path / "termed"
+    subprocess.run(
+        _launch(full, cache), cwd=REPO, env=env, check=True, capture_output=True, timeout=600
+    )
+    assert [r["steps_per_dispatch"] for r in records(full, "run")] == [4]
+
+    proc, first = _start_and_wait_for_first_checkpoint(
+        killed, cache, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     steps_before = [r["step"] for r in records(killed, "train")]
     assert first.is_dir() and max(steps_before) < 64, "the run was not interrupted mid-way"
 
-    subprocess.run(
-        _launch(killed, cache), cwd=REPO, env=env, check=True, capture_output=True, timeout=600
+    proc, first = _start_and_wait_for_first_checkpoint(
+        termed, cache, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    a, b = records(full, "train"), records(killed, "train")
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
+    with pytest.raises(WorkdirLockedError, match=f"pid {proc.pid} on host"):
+        WorkdirLock(str(termed)).acquire()  # this test's process: a second run, refused
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "Stopped by SIGTERM after step" in stderr, stderr[-2000:]
+    stopped_at = int(stderr.split("Stopped by SIGTERM after step ")[1].split()[0])
+    assert stopped_at % 4 == 0 and (termed / "checkpoints" / str(stopped_at)).is_dir()
+
+    for workdir in (killed, termed):
+        subprocess.run(
+            _launch(workdir, cache),
+            cwd=REPO,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        a, b = records(full, "train"), records(workdir, "train")
+        assert [r["step"] for r in a] == [r["step"] for r in b]
+        assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
 
 
 def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path, cache_dir, monkeypatch):

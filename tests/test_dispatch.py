@@ -1,0 +1,112 @@
+"""K steps per dispatch: how K is chosen, the blocks of input, and the same training as K = 1."""
+
+import ml_collections
+import numpy as np
+import pytest
+from conftest import tiny_run_config
+
+from configs import base
+from ssl_jax import dispatch, metric_writers, train
+from ssl_jax.data import BatchMaker, train_iterator
+from ssl_jax.data.synthetic import synthetic_dataset
+
+
+def _train_config(**values):
+    t = ml_collections.ConfigDict(
+        {"log_every": 8, "steps_per_epoch": 16, "checkpoint_every": 32, "total_steps": 64}
+    )
+    t.steps_per_dispatch = 0
+    t.update(values)
+    return t
+
+
+def test_auto_k_is_the_largest_divisor_of_every_boundary_under_the_cap():
+    assert dispatch.resolve_steps_per_dispatch(_train_config(), "device") == 8
+    assert (
+        dispatch.resolve_steps_per_dispatch(
+            _train_config(
+                log_every=128, steps_per_epoch=1024, checkpoint_every=1024, total_steps=524_288
+            ),
+            "device",
+        )
+        == 64
+    )
+    assert dispatch.resolve_steps_per_dispatch(_train_config(log_every=128), "host") == 8
+    # tiny test runs: boundaries of 2 and 4 steps
+    assert (
+        dispatch.resolve_steps_per_dispatch(
+            _train_config(log_every=2, steps_per_epoch=4, checkpoint_every=4, total_steps=8),
+            "device",
+        )
+        == 2
+    )
+    assert dispatch.resolve_steps_per_dispatch(_train_config(total_steps=60), "device") == 4
+
+
+def test_a_k_the_user_sets_must_divide_every_boundary_and_the_error_says_which():
+    assert dispatch.resolve_steps_per_dispatch(_train_config(steps_per_dispatch=4), "host") == 4
+    with pytest.raises(ValueError, match=r"train.log_every=8.*multiples of 16") as err:
+        dispatch.resolve_steps_per_dispatch(_train_config(steps_per_dispatch=16), "device")
+    assert "train.steps_per_epoch" not in str(err.value)  # 16 divides it: not listed
+    with pytest.raises(ValueError, match=">= 0"):
+        dispatch.resolve_steps_per_dispatch(_train_config(steps_per_dispatch=-1), "device")
+
+
+@pytest.mark.parametrize("mode", ["indices", "host"])
+def test_blocks_hold_exactly_the_per_step_batches(mode):
+    """A block of K steps is the K batches a K = 1 loop would take, in order (host views too)."""
+    data = synthetic_dataset(num_classes=3, num_unlabelled=40, num_labelled=12, seed=0)
+    config = base.get_config()
+    config.data.batch_size, config.data.mu, config.data.workers = 4, 2, 0
+    config.train.total_steps = 64
+    views = ("u_w", "u_s0", "u_s1")
+    maker = BatchMaker(
+        data.labelled, data.unlabelled, seed=0, batch_size=4, mu=2, views=views, mode=mode
+    )
+    if mode == "indices":
+        source = dispatch.BlockSource(steps_per_dispatch=3, start_step=5, make_batch=maker)
+    else:
+        iterator = train_iterator(data, config, views=views, start_step=5, mode="host")
+        source = dispatch.BlockSource(steps_per_dispatch=3, start_step=5, iterator=iterator)
+    blocks = [source.next_block() for _ in range(3)]
+    source.close()
+    for b, block in enumerate(blocks):
+        for i in range(3):
+            expected = maker(5 + 3 * b + i)
+            for key, value in expected.items():
+                np.testing.assert_array_equal(block[key][i], value, err_msg=f"{key} step {i}")
+
+
+def test_k_step_training_matches_one_step_per_dispatch(tmp_path, shared_data):
+    """Device augmentation, CoMatch+Triplet (memory bank): K = 4 logs what K = 1 logs."""
+    runs = {}
+    for k in (1, 4):
+        config = tiny_run_config("ucm10_triplet", str(tmp_path / "cache"), log_every=4)
+        config.augment.where = "device"
+        config.train.steps_per_dispatch = k
+        workdir = tmp_path / f"k{k}"
+        train.train_and_evaluate(config, str(workdir))
+        rows = metric_writers.read_metrics(str(workdir))
+        assert [r["steps_per_dispatch"] for r in rows if r["kind"] == "run"] == [k]
+        runs[k] = rows
+    train_rows = {k: [r for r in rows if r["kind"] == "train"] for k, rows in runs.items()}
+    assert [r["step"] for r in train_rows[1]] == [r["step"] for r in train_rows[4]] == [4, 8]
+    keys = (
+        "loss",
+        "loss_x",
+        "loss_u",
+        "loss_c",
+        "loss_dml",
+        "mask_prob",
+        "grad_norm",
+        "param_norm",
+        "ema_param_norm",
+        "triplet_mined",
+        "lr",
+    )
+    for one, four in zip(train_rows[1], train_rows[4], strict=True):
+        # The same scan body runs in both programs; XLA may fuse a 1-trip loop differently,
+        # so equality is asked up to float32 reassociation.
+        np.testing.assert_allclose([one[k] for k in keys], [four[k] for k in keys], rtol=2e-5)
+    evals = {k: [r["top1"] for r in rows if r["kind"] == "eval"] for k, rows in runs.items()}
+    assert evals[1] == evals[4]
