@@ -6,13 +6,17 @@
 #           PNGs into .gpu/, which git ignores)
 #   There:  run tool, command "bash benchmarks/gpu_session.sh", carry [".gpu"], timeout ~600 s
 #
-# It prints the device and versions, then step_throughput.py at paper shapes (CoMatch+Triplet,
-# ResNet-18, B 32, mu 7: float32 and bf16, augmentation on the device and none), then a
-# real-data CoMatch+Triplet run on UCM10 for RUN_SECONDS, and a table of EMA top-1 against
-# steps and minutes. Results land in $OUT (bench.jsonl, metrics.jsonl, summary.txt).
-# Environment knobs: RUN_SECONDS (default 300), BENCH_STEPS (50), RUN_CONFIG, EXTRA_RUN_FLAGS,
-# TOTAL_SECONDS (default 540: the whole script stays inside the device tool's 600 s per call;
-# each benchmark and the run get at most what is left, and a piece with under 60 s is skipped).
+# It prints the device and versions, then loop_throughput.py (the real training loop, not just
+# the step) at paper shapes (CoMatch+Triplet, ResNet-18, B 32, mu 7) with the dataset on the
+# device for K (steps per dispatch) in {1, 64} x {float32, bf16}, then the same loop fed by
+# the grain host pipeline (PIL augmentation, one worker per core), then a real-data
+# CoMatch+Triplet run on UCM10 in K-step mode for RUN_SECONDS (stopped by SIGTERM, which
+# checkpoints at the next dispatch boundary), and a table of EMA top-1 against steps and
+# minutes. Results land in $OUT (bench.jsonl, metrics.jsonl, summary.txt).
+# Environment knobs: RUN_SECONDS (default 240), BENCH_STEPS (64), BENCH_ROUNDS (5),
+# RUN_CONFIG, EXTRA_RUN_FLAGS, TOTAL_SECONDS (default 540: the whole script stays inside the
+# device tool's 600 s per call; each benchmark and the run get at most what is left, and a
+# piece with under 60 s is skipped).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -51,24 +55,32 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/ssl_jax_xla}
 jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 } | tee "$OUT/summary.txt"
 
-steps="${BENCH_STEPS:-50}"
+steps="${BENCH_STEPS:-64}"
+rounds="${BENCH_ROUNDS:-5}"
+bench() {  # bench NAME ARGS...: one loop_throughput.py run inside the time left
+    local name="$1"; shift
+    local left
+    left=$(seconds_left)
+    if [ "$left" -lt 60 ]; then
+        echo "skipped $name: ${left} s left" | tee -a "$OUT/summary.txt"
+        return
+    fi
+    timeout $(( left < 200 ? left : 200 )) python3 benchmarks/loop_throughput.py \
+        --steps "$steps" --warmup "$steps" --rounds "$rounds" "$@" ${BENCH_ARGS:-} \
+        2> >(grep -v "^I1\|^W1" >&2) | tail -1 | tee -a "$OUT/bench.jsonl"
+}
 for precision in float32 bf16; do
-    for augment in device none; do
-        left=$(seconds_left)
-        if [ "$left" -lt 60 ]; then
-            echo "skipped $precision/$augment: ${left} s left" | tee -a "$OUT/summary.txt"
-            continue
-        fi
-        timeout $(( left < 240 ? left : 240 )) python3 benchmarks/step_throughput.py --precision "$precision" \
-            --augment "$augment" --steps "$steps" --warmup 5 ${BENCH_ARGS:-} \
-            2> >(grep -v "^I1\|^W1" >&2) | tail -1 | tee -a "$OUT/bench.jsonl"
+    for k in 64 1; do
+        bench "device/$precision/K=$k" --augment device --precision "$precision" \
+            --steps-per-dispatch "$k"
     done
 done
+bench "host/float32/K=8" --augment host --workers -1 --precision float32 --steps-per-dispatch 8
 
 run_dir=/tmp/ssl_jax_gpu_run
 rm -rf "$run_dir"
 run_seconds=$(( $(seconds_left) - 30 ))  # 30 s for the summary below
-max_run_seconds="${RUN_SECONDS:-300}"
+max_run_seconds="${RUN_SECONDS:-240}"
 if [ "$run_seconds" -gt "$max_run_seconds" ]; then run_seconds="$max_run_seconds"; fi
 if [ "$run_seconds" -lt 60 ]; then
     echo "real-data run skipped: ${run_seconds} s left" | tee -a "$OUT/summary.txt"
@@ -77,7 +89,7 @@ fi
 start=$(date +%s)
 timeout --signal=TERM "$run_seconds" python3 launch.py \
     --config "${RUN_CONFIG:-configs/ucm10_triplet.py}" --workdir "$run_dir" \
-    --config.eval.figures=False ${EXTRA_RUN_FLAGS:-} 2>&1 | grep -v "^I1\|^W1" | tail -40
+    --config.eval.after_training=False ${EXTRA_RUN_FLAGS:-} 2>&1 | grep -v "^I1\|^W1" | tail -40
 echo "real-data run: $(( $(date +%s) - start )) s wall" | tee -a "$OUT/summary.txt"
 cp "$run_dir/metrics.jsonl" "$OUT/metrics.jsonl" 2>/dev/null
 python3 - "$run_dir/metrics.jsonl" <<'EOF' | tee -a "$OUT/summary.txt"

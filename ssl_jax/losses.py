@@ -229,29 +229,35 @@ def semihard_triplet_loss(
     labels: jax.Array,
     margin: float = 0.2,
     anchor_block: int | None = None,
+    method: str = "auto",
 ) -> tuple[jax.Array, TripletStats]:
     """§6: semi-hard cosine triplet loss, mean over mined triplets with loss > 0.
 
     Mask-based: no Python loops or data-dependent shapes, so one compilation serves every
     batch. When nothing is kept the loss is exactly 0 and its gradient exactly zero.
-    ``anchor_block``: see `semihard_triplet_loss_from_similarity`.
+    ``anchor_block`` and ``method``: see `semihard_triplet_loss_from_similarity`.
     """
     return semihard_triplet_loss_from_similarity(
         similarity=cosine_similarity(embeddings),
         labels=labels,
         margin=margin,
         anchor_block=anchor_block,
+        method=method,
     )
 
 
-# Anchors per block of the triplet miner's (block, B, B) work: 8 x 224 x 224 floats is 1.5 MiB.
+# Anchors per block of the dense miner's (block, B, B) work: 8 x 224 x 224 floats is 1.5 MiB.
 TRIPLET_ANCHOR_BLOCK = 8
 # Below this batch the (B, B, B) work fits in cache anyway: one block, no loop.
 TRIPLET_BLOCKED_MIN_BATCH = 64
+# From this batch on, method="auto" takes the sorted O(B^2 log B) miner (benchmarks/RESULTS.md,
+# "Semi-hard triplet miner"); below it the dense O(B^3) one, which is faster there.
+TRIPLET_SORTED_MIN_BATCH = 128
+TRIPLET_METHODS = ("auto", "dense", "sorted")
 
 
 def default_triplet_anchor_block(batch: int, platform: str | None = None) -> int:
-    """The triplet miner's anchors per block when the caller names none.
+    """The dense triplet miner's anchors per block when the caller names none.
 
     On CPU, `TRIPLET_ANCHOR_BLOCK` for batches of at least `TRIPLET_BLOCKED_MIN_BATCH`, so
     the intermediates stay in cache (B=224: 78 -> ~50 ms on the 2-core development CPU);
@@ -264,46 +270,51 @@ def default_triplet_anchor_block(batch: int, platform: str | None = None) -> int
     return batch
 
 
+def triplet_method(batch: int, method: str = "auto") -> str:
+    """The miner ``method`` resolves to: "sorted" from `TRIPLET_SORTED_MIN_BATCH`, else "dense"."""
+    if method not in TRIPLET_METHODS:
+        raise ValueError(f"method must be one of {TRIPLET_METHODS}, got {method!r}")
+    if method == "auto":
+        return "sorted" if batch >= TRIPLET_SORTED_MIN_BATCH else "dense"
+    return method
+
+
 def semihard_triplet_loss_from_similarity(
     *,
     similarity: jax.Array,
     labels: jax.Array,
     margin: float = 0.2,
     anchor_block: int | None = None,
+    method: str = "auto",
 ) -> tuple[jax.Array, TripletStats]:
     """The §6 miner, loss and ThresholdReducer(low=0) on a given (B, B) similarity matrix.
 
     Gradient w.r.t. S: +1/N on each kept S_an, -1/N on each kept S_ap; the masks carry none.
-    The (B, B, B) work happens once, without gradient, reduced per anchor to (B,) counts and
-    sums: the loss value is summed over the kept triplets, and the gradient comes from a
-    (B, B) surrogate with the same derivative, ``sum(S * (kept_per_an - kept_per_ap)) / N``,
-    added as ``x - stop_gradient(x)`` (zero in value). Anchors go through that work
-    ``anchor_block`` at a time (any block gives the same result; None: chosen by
-    `default_triplet_anchor_block`).
+    The mining happens once, without gradient, reduced to (B, B) counts and sums: per
+    (anchor, positive) the kept, mined and tied negatives and the kept losses' sum, per
+    (anchor, negative) the positives it is kept with. The loss value is the kept losses' sum
+    over N, and the gradient comes from a (B, B) surrogate with the same derivative,
+    ``sum(S * (kept_per_an - kept_per_ap)) / N``, added as ``x - stop_gradient(x)`` (zero in
+    value).
+
+    ``method`` chooses how the counts are found (both give the same counts exactly, and the
+    same loss up to float32 summation order):
+      * "dense": every (anchor, positive, negative) candidate, O(B^3) time; anchors go through
+        it ``anchor_block`` at a time (any block gives the same result; None: chosen by
+        `default_triplet_anchor_block`), so memory is O(block * B^2).
+      * "sorted": `_sorted_triplet_terms`, O(B^2 log B) time and O(B^2) memory
+        (``anchor_block`` is not used).
+      * "auto": `triplet_method` (by batch size only, the same on every platform).
     """
     fixed = jax.lax.stop_gradient(similarity)
     b = labels.shape[0]
     positive_pair, negative = _triplet_pairs(labels)
-
-    def per_anchor(row):
-        """Counts and loss sums over the negatives for one anchor's (positive, negative) grid."""
-        masks, per_triplet = _anchor_triplets(*row, margin)
-        # The reducer keeps strictly positive losses: a mined triplet at the margin drops out.
-        keep = masks.mined & (per_triplet > 0)
-        return (
-            jnp.sum(keep, axis=1, dtype=jnp.int32),
-            jnp.sum(jnp.where(keep, per_triplet, 0.0), axis=1),
-            jnp.sum(masks.mined, axis=1, dtype=jnp.int32),
-            jnp.sum(masks.ties, axis=1, dtype=jnp.int32),
-            jnp.sum(keep, axis=0, dtype=jnp.int32),
-        )
-
-    block = default_triplet_anchor_block(b) if anchor_block is None else anchor_block
-    if block < 1:
-        raise ValueError(f"anchor_block must be at least 1, got {block}")
-    kept_per_ap, loss_per_ap, mined_per_ap, ties_per_ap, kept_per_an = jax.lax.map(
-        per_anchor, (fixed, positive_pair, negative), batch_size=min(block, b)
-    )
+    if triplet_method(b, method) == "sorted":
+        terms = _sorted_triplet_terms(fixed, positive_pair, negative, margin)
+    else:
+        block = default_triplet_anchor_block(b) if anchor_block is None else anchor_block
+        terms = _dense_triplet_terms(fixed, positive_pair, negative, margin, block)
+    kept_per_ap, loss_per_ap, mined_per_ap, ties_per_ap, kept_per_an = terms
 
     num_kept = jnp.sum(kept_per_ap)
     denominator = jnp.maximum(num_kept, 1).astype(similarity.dtype)
@@ -322,3 +333,165 @@ def semihard_triplet_loss_from_similarity(
         ties=jnp.sum(ties_per_ap),
     )
     return loss, stats
+
+
+# The (B, B) terms both miners return: int32 kept/mined/tied counts and the f32 kept-loss sum
+# per (anchor, positive), and int32 kept counts per (anchor, negative).
+TripletTerms = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
+
+
+def _dense_triplet_terms(
+    fixed: jax.Array, positive_pair: jax.Array, negative: jax.Array, margin: float, block: int
+) -> TripletTerms:
+    """The O(B^3) miner: each anchor's (positive, negative) grid, ``block`` anchors at a time."""
+    b = fixed.shape[0]
+
+    def per_anchor(row):
+        """Counts and loss sums over the negatives for one anchor's (positive, negative) grid."""
+        masks, per_triplet = _anchor_triplets(*row, margin)
+        # The reducer keeps strictly positive losses: a mined triplet at the margin drops out.
+        keep = masks.mined & (per_triplet > 0)
+        return (
+            jnp.sum(keep, axis=1, dtype=jnp.int32),
+            jnp.sum(jnp.where(keep, per_triplet, 0.0), axis=1),
+            jnp.sum(masks.mined, axis=1, dtype=jnp.int32),
+            jnp.sum(masks.ties, axis=1, dtype=jnp.int32),
+            jnp.sum(keep, axis=0, dtype=jnp.int32),
+        )
+
+    if block < 1:
+        raise ValueError(f"anchor_block must be at least 1, got {block}")
+    return jax.lax.map(per_anchor, (fixed, positive_pair, negative), batch_size=min(block, b))
+
+
+def _first_true(predicate, sorted_negatives: jax.Array, sim_ap: jax.Array, end: jax.Array):
+    """Per (anchor, positive): the first k in [0, end) with ``predicate(sorted[a, k], S_ap)``.
+
+    A vectorised binary search (``end`` where none holds); ``predicate`` must be monotone
+    (false, then true) along each sorted row. Every step gathers one candidate per pair.
+    """
+    b = sorted_negatives.shape[1]
+    lo = jnp.zeros(end.shape, jnp.int32)
+    hi = end
+    for _ in range(max(b - 1, 0).bit_length()):  # the range [0, end) has at most b - 1 entries
+        active = lo < hi
+        mid = (lo + hi) // 2  # < b: in bounds even where inactive (lo == hi <= b - 1)
+        candidate = jnp.take_along_axis(sorted_negatives, mid, axis=1, mode="promise_in_bounds")
+        holds = predicate(candidate, sim_ap)
+        hi = jnp.where(active & holds, mid, hi)
+        lo = jnp.where(active & ~holds, mid + 1, lo)
+    return lo
+
+
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Knuth's error-free ``a + b = s + e`` in float32 (XLA does not reassociate floats)."""
+    s = a + b
+    b_virtual = s - a
+    return s, (a - (s - b_virtual)) + (b - b_virtual)
+
+
+def _df_add(x: tuple[jax.Array, jax.Array], y: tuple[jax.Array, jax.Array]):
+    """Double-float (hi, lo) sum, ~48-bit significand: no cancellation when windows subtract."""
+    s, e = _two_sum(x[0], y[0])
+    return _two_sum(s, e + (x[1] + y[1]))
+
+
+def _df_count_product(count: jax.Array, x: jax.Array | float) -> tuple[jax.Array, jax.Array]:
+    """``count * x`` as a double-float for integer counts below 2^24, exactly.
+
+    Both factors are split into 12-bit halves by masking bits (no FMA-sensitive Dekker split),
+    so each partial product is exact in float32.
+    """
+    x = jnp.broadcast_to(jnp.asarray(x, jnp.float32), count.shape)
+    x_hi = jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(~0xFFF), jnp.float32
+    )
+    x_lo = x - x_hi  # exact: the low 12 significand bits
+    c_hi = (count & ~0xFFF).astype(jnp.float32)  # a multiple of 4096 with a 12-bit quotient
+    c_lo = (count & 0xFFF).astype(jnp.float32)
+    total = (c_hi * x_hi, jnp.zeros_like(x))
+    for term in (c_hi * x_lo, c_lo * x_hi, c_lo * x_lo):
+        total = _df_add(total, (term, jnp.zeros_like(x)))
+    return total
+
+
+def _sorted_triplet_terms(
+    fixed: jax.Array, positive_pair: jax.Array, negative: jax.Array, margin: float
+) -> TripletTerms:
+    """The O(B^2 log B) miner: each anchor's negatives sorted, each pair's window searched.
+
+    For a pair (a, p) today's per-triplet float predicates (`_anchor_triplets`) are monotone in
+    S_an: ``S_ap - S_an <= margin`` and ``relu(S_an - S_ap + margin) > 0`` turn true as S_an
+    grows, ``S_ap - S_an > 0`` turns false, ``S_an >= S_ap`` and ``S_an > S_ap`` turn true. So
+    the mined, kept and tied negatives are index ranges of a's sorted negatives, found by
+    `_first_true` on those same float expressions: the counts are exactly the dense miner's.
+    A kept range's loss sum, ``sum(S_an) - count * (S_ap - margin)``, comes from prefix sums
+    of the sorted similarities in double-float (the difference cancels up to ~B-fold in
+    float32). Per-negative kept counts: +1 at each kept range's start and -1 at its end in
+    sorted order, a cumulative sum, then back to the original order.
+    """
+    b = fixed.shape[0]
+    rows = jnp.arange(b)[:, None]
+    columns = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32), (b, b))
+    num_negatives = jnp.sum(negative, axis=1, dtype=jnp.int32)
+    # Negatives first, ascending; the rest (same class, anchor itself) after them, never read.
+    keys = jnp.where(negative, fixed, jnp.inf)
+    sorted_negatives, order = jax.lax.sort((keys, columns), dimension=1, num_keys=1)
+    # Searches run over [0, num_negatives[a]) for positive pairs and over nothing otherwise.
+    end = jnp.where(positive_pair, num_negatives[:, None], 0)
+
+    def search(predicate):
+        return _first_true(predicate, sorted_negatives, fixed, end)
+
+    mined_start = search(lambda s_an, s_ap: (s_ap - s_an) <= margin)
+    kept_start = search(
+        lambda s_an, s_ap: ((s_ap - s_an) <= margin) & (jax.nn.relu(s_an - s_ap + margin) > 0)
+    )
+    harder_start = search(lambda s_an, s_ap: ~((s_ap - s_an) > 0))  # end of both ranges
+    ties_start = search(lambda s_an, s_ap: s_an >= s_ap)
+    ties_end = search(lambda s_an, s_ap: s_an > s_ap)
+
+    mined_per_ap = jnp.maximum(harder_start - mined_start, 0)
+    kept_end = jnp.maximum(harder_start, kept_start)
+    kept_per_ap = kept_end - kept_start
+    ties_per_ap = ties_end - ties_start
+
+    # Prefix sums of each anchor's sorted negatives (0 past them), double-float, by a scan.
+    valid_sorted = columns < num_negatives[:, None]
+    values = jnp.where(valid_sorted, sorted_negatives, 0.0)
+
+    def accumulate(carry, column):
+        carry = _df_add(carry, (column, jnp.zeros_like(column)))
+        return carry, carry
+
+    zeros = jnp.zeros((b,), jnp.float32)
+    _, (prefix_hi, prefix_lo) = jax.lax.scan(accumulate, (zeros, zeros), values.T)
+    # prefix[a, k] = sum of the first k sorted negatives: a zero column in front.
+    prefix_hi = jnp.concatenate([zeros[:, None], prefix_hi.T], axis=1)
+    prefix_lo = jnp.concatenate([zeros[:, None], prefix_lo.T], axis=1)
+
+    def at(prefix, index):
+        return jnp.take_along_axis(prefix, index, axis=1, mode="promise_in_bounds")
+
+    window = _df_add(
+        (at(prefix_hi, kept_end), at(prefix_lo, kept_end)),
+        (-at(prefix_hi, kept_start), -at(prefix_lo, kept_start)),
+    )
+    # sum over the kept range of (S_an - S_ap + margin) = window - count * S_ap + count * margin
+    count_ap = _df_count_product(kept_per_ap, fixed)
+    count_margin = _df_count_product(kept_per_ap, margin)
+    loss_sum = _df_add(_df_add(window, (-count_ap[0], -count_ap[1])), count_margin)
+    loss_per_ap = jnp.where(kept_per_ap > 0, loss_sum[0] + loss_sum[1], 0.0)
+
+    # Kept counts per negative: a difference array over sorted positions, summed, unsorted.
+    anchors = jnp.broadcast_to(rows, (b, b))
+    steps = jnp.zeros((b, b), jnp.int32)
+    steps = steps.at[anchors, kept_start].add(1, mode="promise_in_bounds")
+    steps = steps.at[anchors, kept_end].add(-1, mode="promise_in_bounds")
+    kept_sorted = jnp.cumsum(steps, axis=1)
+    kept_per_an = (
+        jnp.zeros((b, b), jnp.int32)
+        .at[anchors, order]
+        .set(kept_sorted, unique_indices=True, mode="promise_in_bounds")
+    )
+    return kept_per_ap, loss_per_ap, mined_per_ap, ties_per_ap, kept_per_an

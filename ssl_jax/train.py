@@ -315,7 +315,7 @@ def _train(config, workdir, data, stop) -> dict:
     try:
         state, meta = manager.restore_or_keep(training.setup.state)
     except BaseException:
-        manager.close()
+        _close_quietly(manager)
         raise
     start_step = int(state.step)
     if meta.get("split_hash", data.split_hash) != data.split_hash:
@@ -357,11 +357,22 @@ def _train(config, workdir, data, stop) -> dict:
             workdir=workdir,
             stop=stop,
         )
-        return meta
-    finally:
-        manager.close()
+    except BaseException:
         writer.close()
-        source.close()  # stops grain worker processes and frees their shared memory
+        source.close()
+        _close_quietly(manager)  # the error in flight is the one to report
+        raise
+    writer.close()
+    source.close()  # stops grain worker processes and frees their shared memory
+    manager.close()  # waits for the last save; raises if it failed
+    return meta
+
+
+def _close_quietly(manager) -> None:
+    try:
+        manager.close()
+    except Exception as err:  # noqa: BLE001 - reported, not raised over the first error
+        print(f"While stopping: {err}", file=sys.stderr, flush=True)
 
 
 def _run_record(training: Training, state) -> dict:

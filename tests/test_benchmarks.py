@@ -111,3 +111,35 @@ def test_step_breakdown_times_every_variant():
     assert checks["no_ema"]["grad_norm"] > 0 and checks["no_norms"]["grad_norm"] == 0
     assert "loss_x" in checks["plain_sgd"]["loss_keys"]
     assert checks["network_only"]["loss_keys"] == []
+
+
+LOOP_KEYS = {
+    "steps_per_dispatch",
+    "ms_per_step_loop",
+    "ms_per_step_program",
+    "host_ms_per_step",
+    "device",
+    "model",
+    "width",
+    "batch",
+    "mu",
+    "algorithm",
+}
+
+
+def test_loop_throughput_times_the_real_loop_and_the_program_alone():
+    result = run_json(
+        "benchmarks/loop_throughput.py",
+        "--width=0.0625",
+        "--batch=4",
+        "--mu=1",
+        "--images=64",
+        "--steps=8",
+        "--warmup=4",
+        "--rounds=2",
+        "--steps-per-dispatch=4",
+    )
+    assert LOOP_KEYS <= result.keys()
+    assert result["steps_per_dispatch"] == 4 and result["augment"] == "device"
+    assert len(result["loop_ms_rounds"]) == len(result["program_ms_rounds"]) == 2
+    assert result["ms_per_step_loop"] > 0 and result["ms_per_step_program"] > 0

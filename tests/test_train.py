@@ -113,30 +113,61 @@ def test_comatch_triplet_resume_is_bit_identical(tmp_path, cache_dir, monkeypatc
     ]
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
-    tmp_path, cache_dir, monkeypatch
-):
+def _poison_from_step(monkeypatch, first_bad_step):
+    """The supervised loss turns NaN from `first_bad_step` on (tiny runs: 4 steps per epoch)."""
     supervised = get_algorithm("supervised")
 
     def poisoned(**kwargs):
         loss, aux = supervised.loss_from_outputs(**kwargs)
         step = kwargs["epoch"] * 4 + kwargs["iteration"]
-        return loss * jnp.where(step >= 5, jnp.nan, 1.0), aux
+        return loss * jnp.where(step >= first_bad_step, jnp.nan, 1.0), aux
 
     monkeypatch.setattr(
         train_state,
         "get_algorithm",
         lambda name: dataclasses.replace(supervised, loss_from_outputs=poisoned),
     )
+
+
+def test_non_finite_loss_stops_the_run_names_the_last_good_checkpoint_and_can_continue(
+    tmp_path, cache_dir, monkeypatch
+):
+    _poison_from_step(monkeypatch, 5)
     config = tiny_run_config("ucm10_supervised", cache_dir)
-    with pytest.raises(train.NonFiniteLossError, match="between steps 5 and 6"):
+    with pytest.raises(train.NonFiniteLossError, match="between steps 5 and 6") as err:
         train.train_and_evaluate(config, str(tmp_path))
+    assert "last good checkpoint is step 4" in str(err.value)
+    assert "--config.train.resume_changes" in str(err.value)
     checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), read_only=True)
     assert checkpointer.manager.all_steps() == [4]
     checkpointer.close()
     model, variables, step, _ = evaluate.restore_model(str(tmp_path), config)
     assert step == 4
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+
+    # Following the advice: the same config with a lower lr is refused unless named...
+    monkeypatch.undo()
+    config.optim.lr = 0.01
+    with pytest.raises(checkpoint_lib.CheckpointError, match="resume_changes"):
+        train.train_and_evaluate(config, str(tmp_path))
+    # ...and continues from step 4 when named, recording the change.
+    config.train.resume_changes = ("optim.lr",)
+    train.train_and_evaluate(config, str(tmp_path))
+    rows = metric_writers.read_metrics(str(tmp_path))
+    changes = [r for r in rows if r["kind"] == "resume_changes"]
+    assert changes and changes[0]["step"] == 4
+    assert changes[0]["changes"] == [{"key": "optim.lr", "saved": 0.03, "now": 0.01}]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [2, 4, 6, 8]
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 0.01
+
+
+def test_non_finite_loss_before_any_checkpoint_says_there_is_none(tmp_path, cache_dir, monkeypatch):
+    _poison_from_step(monkeypatch, 0)
+    config = tiny_run_config("ucm10_supervised", cache_dir)
+    with pytest.raises(train.NonFiniteLossError, match="between steps 1 and 2") as err:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert "No checkpoint was written" in str(err.value)
+    assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
 
 
 def test_eval_errors_name_the_problem(tmp_path, cache_dir):
