@@ -3,35 +3,119 @@
 Modes: train (resumes from the latest checkpoint in DIR), eval (restores the EMA weights and
 evaluates the test split), inspect (data summary + augmentation grid), predict (classifies
 --config.predict.input). `--config.<key>=<value>` overrides any config field; an unknown key
-is an error.
+is an error. For eval and predict, --config may be left out: the workdir's own config.json is
+then the base the overrides apply to, e.g.
+
+    python launch.py --workdir runs/ucm10_triplet --mode eval --config.eval.step=best
+
+and only eval.*, predict.* and the data location (data.root, data.tfds_data_dir,
+data.cache_dir, data.workers, data.eval_batch_size) may be overridden: other keys would change
+the trained model.
 """
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from ssl_jax import run
 
-config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Config file, e.g. configs/ucm10_triplet.py or configs/demo.py:smoke.",
-    lock_config=True,
-)
-flags.DEFINE_string(
-    "workdir",
-    None,
-    "Run directory: checkpoints, metrics.jsonl, figures. Default: runs/<config file name>.",
-)
-flags.DEFINE_enum("mode", "train", run.MODES, "What to do with the config and workdir.")
-FLAGS = flags.FLAGS
+CONFIG_HELP = "Config file, e.g. configs/ucm10_triplet.py or configs/demo.py:smoke."
+_parsed_argv: list[str] = []
 
 
-def main(argv):
+def _define_workdir_and_mode(flag_values: flags.FlagValues) -> None:
+    flags.DEFINE_string(
+        "workdir",
+        None,
+        "Run directory: checkpoints, metrics.jsonl, figures. Default: runs/<config file name>.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_enum(
+        "mode",
+        "train",
+        run.MODES,
+        "What to do with the config and workdir.",
+        flag_values=flag_values,
+    )
+
+
+def define_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines --workdir, --mode and --config for this command line.
+
+    --config is a config file flag, unless argv has `--config.<key>` overrides but no config
+    file: then (eval/predict only) it is the workdir's config.json, checked and overridden.
+    Raises `flags.Error` with a message naming what is wrong.
+    """
+    _define_workdir_and_mode(flag_values)
+    keys = run.override_keys(argv)
+    if run.config_file_given(argv) or not keys:
+        config_flags.DEFINE_config_file(
+            "config", None, CONFIG_HELP, flag_values=flag_values, lock_config=True, sys_argv=argv
+        )
+        return
+    known = flags.FlagValues()  # --workdir and --mode first, to find the base config
+    _define_workdir_and_mode(known)
+    known(list(argv), known_only=True)
+    mode, workdir = known.mode, known.workdir or run.default_workdir(None)
+    if mode not in run.READ_ONLY_MODES:
+        raise flags.IllegalFlagValueError(
+            f"--config.{keys[0]} overrides a config file, and --mode {mode} needs one: pass "
+            "--config configs/<name>.py before the overrides."
+        )
+    from ssl_jax import checkpoint
+
+    try:
+        base = checkpoint.load_saved_config(workdir)
+    except checkpoint.CheckpointError as e:
+        raise flags.IllegalFlagValueError(
+            f"Without --config, the --config.<key> overrides apply to --workdir's config.json: {e}"
+        ) from None
+    try:
+        run.check_override_keys(mode, keys, base, workdir=workdir)
+    except ValueError as e:
+        raise flags.IllegalFlagValueError(str(e)) from None
+    config_flags.DEFINE_config_dict(
+        "config",
+        base,
+        f"The config of --workdir ({workdir}/config.json), with --config.<key> overrides.",
+        flag_values=flag_values,
+        lock_config=True,
+        sys_argv=argv,
+    )
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """Defines and parses this script's flags; returns the remaining arguments."""
+    argv = list(argv)
+    define_flags(argv, flag_values)
+    remaining = flag_values(argv)
+    _parsed_argv[:] = argv
+    return remaining
+
+
+def _parse_flags_with_usage(argv: list[str]) -> list[str]:
+    try:
+        return parse_flags(argv)
+    except flags.Error as error:
+        sys.stderr.write(f"FATAL Flags parsing error: {error}\n")
+        sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(1)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    config_path = FLAGS["config"].config_filename if FLAGS.config is not None else None
-    run.main(FLAGS.mode, FLAGS.config, FLAGS.workdir, config_path=config_path)
+    config = flag_values.config
+    config_path = getattr(flag_values["config"], "config_filename", None) if config else None
+    return run.main(
+        flag_values.mode,
+        config,
+        flag_values.workdir,
+        config_path=config_path,
+        overrides=run.override_keys(_parsed_argv),
+    )
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags_with_usage)

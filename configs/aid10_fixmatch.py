@@ -4,7 +4,7 @@ Run:    python launch.py --config configs/aid10_fixmatch.py
 Smoke:  python launch.py --config configs/aid10_fixmatch.py:smoke --workdir /tmp/smoke
 Result: ResNet-18 at 60 px, 524,288 steps, EMA top-1 reported each 1024-step epoch. The paper
         reports this method's Top1/Best-Top1 in its tables for the seed_code protocol
-        (--config.data.protocol=seed_code, ALGORITHMS.md §2.2); ssl_jax's own full-length
+        (--config.data.protocol=seed_code, docs/method.md#protocols); ssl_jax's own full-length
         numbers are recorded in README.md "Results" once measured.
 """
 

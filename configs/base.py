@@ -1,4 +1,5 @@
-"""The paper's defaults (ALGORITHMS.md §1.1); every other config imports this and overrides.
+"""The paper's defaults (docs/method.md#paper-settings); every other config imports this and
+overrides.
 
 Run:    python launch.py --config configs/base.py   (the workdir defaults to runs/<config name>)
 Result: base.py alone is CoMatch+Triplet on UCM10 with the paper's settings; see
@@ -69,7 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.tfds_data_dir = ""  # tfds data_dir; "" = tfds default (~/tensorflow_datasets)
     data.tfds_train_split = "train"
     data.tfds_test_split = ""  # "" = seeded per-class split of tfds_train_split by test_fraction
-    # Labelled/unlabelled protocol (ALGORITHMS.md §2.2, Q1, Q2):
+    # Labelled/unlabelled protocol (docs/method.md#protocols, docs/method.md#q1-labelled-set-size,
+    # docs/method.md#q2-unlabelled-pool):
     #   k_per_class: a seeded draw of labels_per_class images per class from the train split;
     #                unlabelled = the whole train split (labelled ones included).
     #   seed_code:   what the reference code did: labelled = the whole train list,
@@ -88,10 +90,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ------------------------------------------------------------------------ augmentation
     config.augment = augment = ml_collections.ConfigDict()
     augment.where = "auto"  # host | device | auto (device on GPU/TPU, host on CPU)
-    augment.normalize_strong1 = False  # Q3: the paper feeds the colour-jitter view un-normalised
+    # docs/method.md#q3-unnormalised-strong1-view: the paper feeds the colour-jitter view
+    # un-normalised
+    augment.normalize_strong1 = False
     augment.randaugment_n = 2
     augment.randaugment_m = 10
-    augment.cutout = 16  # Q12: constant nominal size (17x17 drawn)
+    augment.cutout = 16  # docs/method.md#q12-cutout-size: constant nominal size (17x17 drawn)
 
     # ------------------------------------------------------------------------------ model
     config.model = model = ml_collections.ConfigDict()
@@ -108,23 +112,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     #                               comatch_ccssl | comatch_triplet
     alg.threshold = 0.95  # tau: pseudo-label confidence threshold (>=)
     alg.lambda_u = 1.0  # unsupervised classification loss weight
-    # CoMatch (§5)
+    # CoMatch (docs/method.md#comatch)
     alg.queue_batch = 5  # memory bank holds queue_batch * (mu + 1) * B rows
     alg.contrast_threshold = 0.8  # pseudo-label graph edge threshold
     alg.da_len = 32  # distribution-alignment history length
     alg.T = 0.2  # memory-smoothing and embedding-similarity temperature
     alg.alpha = 0.9  # weight of the model's own prediction in memory smoothing
     alg.lambda_c = 1.0  # graph-contrastive loss weight
-    # CoMatch+Triplet (§6)
+    # CoMatch+Triplet (docs/method.md#triplet-loss)
     alg.lambda_dml = 1.0
     alg.triplet_margin = 0.2
-    # CCSSL class-aware contrastive loss (§7): lambda_supcon (CoMatch+CCSSL) and
+    # CCSSL class-aware contrastive loss (docs/method.md#ccssl): lambda_supcon (CoMatch+CCSSL) and
     # lambda_contrast (FixMatch+CCSSL) are both this weight, the paper's lambda_c of Table I.
     alg.lambda_ccssl = 1.0
     alg.supcon_temperature = 0.07
-    alg.t_push = 0.0  # 0: in-distribution (no selection); 0.9: out-of-distribution (§7.2)
-    alg.ccssl_diag_weight = "one"  # one | confidence_squared (Q5: pre-Dec-2022 revisions)
-    # FixMatch (§7.4)
+    # 0: in-distribution (no selection); 0.9: out-of-distribution
+    # (docs/method.md#id-and-od-settings)
+    alg.t_push = 0.0
+    # one | confidence_squared (docs/method.md#q5-ccssl-diagonal-weight: pre-Dec-2022 revisions)
+    alg.ccssl_diag_weight = "one"
+    # FixMatch (docs/method.md#fixmatch)
     alg.fixmatch_T = 1.0  # softmax temperature of the pseudo-labels
 
     # --------------------------------------------------------------------------- optimiser
@@ -154,7 +161,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # block holds K augmented batches). Any K trains the same function (ssl_jax/dispatch.py).
     train.steps_per_dispatch = 0
     train.keep_checkpoints = 3  # the latest N are kept, plus the best by EMA top-1
-    train.mean_of_last = 20  # "Mean top-1 acc": mean of the last N evaluations (§4.4)
+    # "Mean top-1 acc": mean of the last N evaluations (docs/method.md#evaluation)
+    train.mean_of_last = 20
     # Save the test embeddings after these (1-based) epochs, for t-SNE panels over training
     # (the paper's Fig. 6); -1 means the last epoch.
     train.save_embeddings_epochs = ()
@@ -201,7 +209,8 @@ def use_dataset(config: ml_collections.ConfigDict, name: str) -> ml_collections.
 
 
 def use_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-    """Sets the algorithm and the paper's Table I settings for it (ALGORITHMS.md §1.2, §1.3)."""
+    """Sets the algorithm and the paper's Table I settings for it (docs/method.md#ccssl-settings,
+    docs/method.md#baseline-settings)."""
     alg = config.algorithm
     if method == "ccssl_id":  # CoMatch+CCSSL, in-distribution: tau 0.95, lambda 1, T_push 0, mu 5
         alg.name, alg.threshold, alg.lambda_ccssl, alg.t_push = "comatch_ccssl", 0.95, 1.0, 0.0

@@ -10,7 +10,7 @@ Result: on a 2-core CPU (shared, load ~4) with a cold XLA cache (JAX_COMPILATION
 
 The sample (`ssl_jax/sample_data/ucm10_sample`, 20 public-domain UCM images per paper class,
 see its README.md) is split 50/50 per class with a seeded draw; 4 labels per class (40
-labelled images; unlabelled = all 100 training images, ALGORITHMS.md §2.2), 100 test images.
+labelled images; unlabelled = all 100 training images, docs/method.md#protocols), 100 test images.
 Training is followed by `--mode eval`'s report: eval/<step>/metrics.json, the confusion
 matrix, t-SNE of the test embeddings (now and at the epochs in `train.save_embeddings_epochs`)
 and the training curves.

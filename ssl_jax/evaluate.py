@@ -27,22 +27,46 @@ from ssl_jax import figures as figures_lib
 from ssl_jax import files, inference, metric_writers, retrieval, train_state
 from ssl_jax.algorithms import get_algorithm
 from ssl_jax.data import augment_host
-from ssl_jax.data.sources import IMAGE_EXTENSIONS, DataError, is_image_file
+from ssl_jax.data.sources import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    is_image_file,
+    is_unsupported_image_file,
+    unsupported_files_message,
+)
 
 # Sections of a command-line config that apply to evaluating an existing run.
 EVAL_OVERRIDES = ("eval", "predict")
-DATA_OVERRIDES = ("root", "workers", "cache_dir", "eval_batch_size")
+# Where the data is and how it is read; not what the model was trained on.
+DATA_OVERRIDES = ("root", "tfds_data_dir", "workers", "cache_dir", "eval_batch_size")
+# The `--config.<key>` overrides --mode eval/predict accept (the rest change the trained model).
+OVERRIDABLE_KEYS = (
+    *(p for section in EVAL_OVERRIDES for p in (section, section + ".")),
+    *(f"data.{key}" for key in DATA_OVERRIDES),
+)
 TOP_K = 5  # classes listed per image by --mode predict
 
 
-def resolve_config(workdir: str, cli_config: ml_collections.ConfigDict | None):
-    """The run's saved config, with eval/predict options (and data location) from the CLI."""
+def resolve_config(
+    workdir: str, cli_config: ml_collections.ConfigDict | None, *, explicit=()
+) -> ml_collections.ConfigDict:
+    """The run's saved config, with eval/predict options (and data location) from the CLI.
+
+    A data root the run trained on that still exists is kept, unless `explicit` (the dotted
+    keys overridden on the command line) names `data.root`.
+    """
     config = checkpoint_lib.load_saved_config(workdir)
     if cli_config is not None:
         for section in EVAL_OVERRIDES:
             config[section] = ml_collections.ConfigDict(cli_config[section].to_dict())
         for key in DATA_OVERRIDES:
-            if key == "root" and os.path.isdir(config.data.root or ""):
+            if key not in cli_config.data:
+                continue
+            if (
+                key == "root"
+                and os.path.isdir(config.data.root or "")
+                and "data.root" not in explicit
+            ):
                 continue  # the saved root still exists: keep what the run trained on
             config.data[key] = cli_config.data[key]
     return config
@@ -160,8 +184,12 @@ def embedding_metrics(arrays: dict, algorithm_name: str) -> dict:
     }
 
 
-def _predict_test(model, variables, data, batch_size):
-    return inference.predict_arrays(model, variables, data_lib.test_batches(data.test, batch_size))
+def _predict_test(model, variables, data, config):
+    """Predictions on the test split, centre-cropped to the size the run trained at."""
+    batches = data_lib.test_batches(
+        data.test, int(config.data.eval_batch_size), crop_size=int(config.data.crop_size)
+    )
+    return inference.predict_arrays(model, variables, batches)
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -184,10 +212,12 @@ def _load_test_data(workdir: str, config: ml_collections.ConfigDict):
     return data, warnings
 
 
-def evaluate_workdir(workdir: str, cli_config: ml_collections.ConfigDict | None = None) -> dict:
+def evaluate_workdir(
+    workdir: str, cli_config: ml_collections.ConfigDict | None = None, *, explicit=()
+) -> dict:
     """Evaluates the chosen checkpoint on the test split; writes eval/<step>/ (see module doc)."""
     workdir = os.path.abspath(workdir)
-    config = resolve_config(workdir, cli_config)
+    config = resolve_config(workdir, cli_config, explicit=explicit)
     model, variables, step, meta = restore_model(workdir, config)
     class_names = saved_class_names(workdir, config)
     data, warnings = _load_test_data(workdir, config)
@@ -199,7 +229,7 @@ def evaluate_workdir(workdir: str, cli_config: ml_collections.ConfigDict | None 
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
 
-    arrays = _predict_test(model, variables, data, config.data.eval_batch_size)
+    arrays = _predict_test(model, variables, data, config)
     result, cm = classification_metrics(arrays["logits"], arrays["labels"], class_names)
     result = {
         "step": int(step),
@@ -219,7 +249,7 @@ def evaluate_workdir(workdir: str, cli_config: ml_collections.ConfigDict | None 
         result["warnings"] = warnings
     if config.eval.online:
         _, online_variables, _, _ = restore_model(workdir, config, which=step, online=True)
-        online_arrays = _predict_test(model, online_variables, data, config.data.eval_batch_size)
+        online_arrays = _predict_test(model, online_variables, data, config)
         online, _ = classification_metrics(
             online_arrays["logits"], online_arrays["labels"], class_names
         )
@@ -308,22 +338,35 @@ def draw_figures(workdir, out_dir, config, cm, class_names, arrays, step) -> lis
 
 
 def find_images(path: str) -> list[str]:
-    """`path` itself if it is a file, else every image below the folder (recursive, sorted)."""
+    """`path` itself if it is a file, else every image below the folder (recursive, sorted).
+
+    Files with an image extension the loader does not read (.bmp, .webp, .gif, ...) are an
+    error listing them all, never skipped silently.
+    """
     if not path:
         raise DataError(
             "--mode predict needs --config.predict.input=PATH: an image file or a folder of "
             f"images ({'/'.join(IMAGE_EXTENSIONS)})."
         )
+    where = f"--config.predict.input {path!r}"
     if os.path.isfile(path):
+        if is_unsupported_image_file(path):
+            raise DataError(unsupported_files_message([path], where))
         return [path]
     if not os.path.isdir(path):
         raise DataError(
             f"config.predict.input {path!r} does not exist (expected a file or folder)."
         )
-    found = []
+    found, unsupported = [], []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, n) for n in sorted(filenames) if is_image_file(n))
+        for name in sorted(filenames):
+            if is_image_file(name):
+                found.append(os.path.join(dirpath, name))
+            elif is_unsupported_image_file(name):
+                unsupported.append(os.path.join(dirpath, name))
+    if unsupported:
+        raise DataError(unsupported_files_message(unsupported, where))
     if not found:
         raise DataError(
             f"No images ({'/'.join(IMAGE_EXTENSIONS)}) under {path!r} for --mode predict."
@@ -331,12 +374,14 @@ def find_images(path: str) -> list[str]:
     return found
 
 
-def load_prediction_images(files: list[str], size: int) -> list[np.ndarray]:
-    """Decoded test views (Resize + CentreCrop) of every file; one error lists all bad files."""
+def load_prediction_images(files: list[str], size: int, crop_size: int) -> list[np.ndarray]:
+    """Test views (Resize(size) + CentreCrop(crop_size)) of every file; one error lists all bad
+    files. Pass the run's `data.image_size` and `data.crop_size`, as evaluation does."""
     views, bad = [], []
     for path in files:
         try:
-            views.append(augment_host.test_view(data_lib.load_image(path, size)))
+            image = data_lib.load_image(path, size)
+            views.append(augment_host.test_view(image, crop_size=crop_size))
         except DataError as e:
             bad.append(f"  {path}: {e.__cause__ or e}")
     if bad:
@@ -348,14 +393,16 @@ def load_prediction_images(files: list[str], size: int) -> list[np.ndarray]:
     return views
 
 
-def predict_workdir(workdir: str, cli_config: ml_collections.ConfigDict | None = None) -> dict:
+def predict_workdir(
+    workdir: str, cli_config: ml_collections.ConfigDict | None = None, *, explicit=()
+) -> dict:
     """Classifies config.predict.input; writes a CSV (file, class, confidence, top-5)."""
     workdir = os.path.abspath(workdir)
-    config = resolve_config(workdir, cli_config)
+    config = resolve_config(workdir, cli_config, explicit=explicit)
     source = config.predict.input
     files = find_images(source)
     class_names = saved_class_names(workdir, config)
-    views = load_prediction_images(files, int(config.data.image_size))
+    views = load_prediction_images(files, int(config.data.image_size), int(config.data.crop_size))
     model, variables, step, _ = restore_model(workdir, config)
     probabilities = inference.predict_probabilities(
         model, variables, views, config.data.eval_batch_size

@@ -17,7 +17,12 @@ from ssl_jax.data.normalize import to_network_input
 
 @functools.cache
 def make_eval_step(model) -> Callable:
-    """Jitted inference forward (memoised per model; BN uses running statistics)."""
+    """Jitted inference forward (memoised per model; BN uses running statistics).
+
+    A pure function of (variables, uint8 images) -> (float32 logits, float32 embeddings or
+    None), with nothing platform-specific inside (the model was built for its platform), so it
+    lowers for any target: `jax.export.export(make_eval_step(model), platforms=...)`.
+    """
 
     def eval_step(variables, images):
         logits, feats = model.apply(variables, to_network_input(images), train=False)
@@ -60,7 +65,7 @@ def predict_probabilities(model, variables, views: list[np.ndarray], batch_size:
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Percent of examples whose label is among the k largest logits (§4.4)."""
+    """Percent of examples whose label is among the k largest logits (docs/method.md#evaluation)."""
     if len(labels) == 0:
         raise ValueError("Cannot compute accuracy on an empty test set.")
     k = min(k, logits.shape[1])

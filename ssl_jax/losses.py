@@ -1,4 +1,5 @@
-"""Small pure loss kernels shared by the algorithms (ALGORITHMS.md §5–§7).
+"""Small pure loss kernels shared by the algorithms (docs/method.md#comatch,
+docs/method.md#triplet-loss, docs/method.md#ccssl).
 
 Every kernel is keyword-only and, where a mask may apply, returns per-example values so the
 caller masks and reduces. Similarity matmuls request ``Precision.HIGHEST``: on accelerators JAX
@@ -49,13 +50,14 @@ def masked_accuracy(*, predictions: jax.Array, labels: jax.Array, mask: jax.Arra
     return jnp.sum(correct) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-# ------------------------------------------------------------------- CoMatch pieces (§5)
+# ---------------------------------------------------------- CoMatch pieces (docs/method.md#comatch)
 
 
 def distribution_alignment(
     *, probs: jax.Array, history: jax.Array, history_len: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """§5.3: append the batch-mean prediction to the history, divide by the history mean.
+    """docs/method.md#distribution-alignment: append the batch-mean prediction to the history,
+    divide by the history mean.
 
     ``history`` is a fixed (da_len, C) buffer holding ``history_len`` valid rows, oldest first
     (rows past ``history_len`` are zero). When full, the oldest row is dropped. Returns
@@ -86,14 +88,16 @@ def memory_smoothing(
     temperature: float,
     alpha: float,
 ) -> jax.Array:
-    """§5.4: ``alpha*p + (1-alpha) * softmax_rows(feats·QFᵀ/T) · QP`` (no max-subtraction, Q14)."""
+    """docs/method.md#memory-smoothing: ``alpha*p + (1-alpha) * softmax_rows(feats·QFᵀ/T) · QP`` (no
+    max-subtraction, docs/method.md#q14-unshifted-exponentials)."""
     affinity = jnp.exp(matmul(feats, queue_feats.T) / temperature)
     affinity = affinity / jnp.sum(affinity, axis=1, keepdims=True)
     return alpha * probs + (1.0 - alpha) * matmul(affinity, queue_probs)
 
 
 def pseudo_label_graph(*, probs: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array]:
-    """§5.7: thresholded, row-normalised ``p·pᵀ`` with self-loops. Returns ``(Q, pos_mask)``."""
+    """docs/method.md#pseudo-label-graph: thresholded, row-normalised ``p·pᵀ`` with self-loops.
+    Returns ``(Q, pos_mask)``."""
     graph = matmul(probs, probs.T)
     eye = jnp.eye(graph.shape[0], dtype=bool)
     graph = jnp.where(eye, 1.0, graph)  # self-loop set before thresholding
@@ -103,21 +107,24 @@ def pseudo_label_graph(*, probs: jax.Array, threshold: float) -> tuple[jax.Array
 
 
 def embedding_graph(*, anchors: jax.Array, others: jax.Array, temperature: float) -> jax.Array:
-    """§5.8: row-normalised ``exp(anchors·othersᵀ / T)`` (not symmetrised)."""
+    """docs/method.md#graph-contrastive-loss: row-normalised ``exp(anchors·othersᵀ / T)`` (not
+    symmetrised)."""
     sim = jnp.exp(matmul(anchors, others.T) / temperature)
     return sim / jnp.sum(sim, axis=1, keepdims=True)
 
 
 def graph_contrastive_loss(*, sim_probs: jax.Array, targets: jax.Array) -> jax.Array:
-    """§5.8 per anchor: ``-sum_j Q_ij log(P_ij + 1e-7)``, shape (Bu,)."""
+    """docs/method.md#graph-contrastive-loss per anchor: ``-sum_j Q_ij log(P_ij + 1e-7)``, shape
+    (Bu,)."""
     return -jnp.sum(jnp.log(sim_probs + 1e-7) * targets, axis=1)
 
 
-# ------------------------------------------------------------------------------ CCSSL (§7)
+# --------------------------------------------------------------------- CCSSL (docs/method.md#ccssl)
 
 
 def ccssl_select_matrix(*, confidence: jax.Array, t_push: float) -> jax.Array:
-    """§7.2 OD selection: ``Sel_ij = [i == j] or ([c_i >= T_push] and [c_j >= T_push])``."""
+    """docs/method.md#id-and-od-settings OD selection:
+    ``Sel_ij = [i == j] or ([c_i >= T_push] and [c_j >= T_push])``."""
     confident = confidence >= t_push
     both = confident[:, None] & confident[None, :]
     eye = jnp.eye(confidence.shape[0], dtype=bool)
@@ -135,11 +142,13 @@ def class_aware_contrastive_loss(
     select: jax.Array | None = None,
     diag_weight: str = "one",
 ) -> jax.Array:
-    """§7.1 soft SupCon with confidence re-weighting. Per-anchor losses, shape (2, n).
+    """docs/method.md#ccssl-loss soft SupCon with confidence re-weighting. Per-anchor losses, shape
+    (2, n).
 
     Row 0 holds the view-0 anchors, row 1 the view-1 anchors; the loss is their mean.
-    ``diag_weight`` is "one" (latest reference) or "confidence_squared" (older revisions, Q5).
-    Confidences, labels and selection are constants: no gradient flows into them.
+    ``diag_weight`` is "one" (latest reference) or "confidence_squared" (older revisions,
+    docs/method.md#q5-ccssl-diagonal-weight). Confidences, labels and selection are constants: no
+    gradient flows into them.
     """
     n = view0.shape[0]
     confidence = jax.lax.stop_gradient(confidence)
@@ -165,7 +174,7 @@ def class_aware_contrastive_loss(
     return per_anchor.reshape(2, n)
 
 
-# ----------------------------------------------------------------- semi-hard triplet (§6)
+# -------------------------------------------------- semi-hard triplet (docs/method.md#triplet-loss)
 
 
 class TripletMasks(NamedTuple):
@@ -177,7 +186,11 @@ class TripletMasks(NamedTuple):
 
 
 class TripletStats(NamedTuple):
-    """int32 counts of one triplet-loss evaluation (diagnostics; no gradient)."""
+    """int32 counts of one triplet-loss evaluation (diagnostics; no gradient).
+
+    They wrap past 2^31 - 1 triplets (valid ones from B ~ 2,800 with 10 balanced classes);
+    the loss does not depend on them.
+    """
 
     valid: jax.Array
     mined: jax.Array
@@ -201,13 +214,16 @@ def _triplet_pairs(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _anchor_triplets(
     sim: jax.Array, positive: jax.Array, negative: jax.Array, margin: float
 ) -> tuple[TripletMasks, jax.Array]:
-    """One anchor's (positive, negative) grid: the §6 masks and relu((S_an - S_ap) + margin)."""
+    """One anchor's (positive, negative) grid: the docs/method.md#triplet-loss masks and
+    relu((S_an - S_ap) + margin)."""
     sim_ap, sim_an = sim[:, None], sim[None, :]
     valid = positive[:, None] & negative[None, :]
     triplet_margin = sim_ap - sim_an  # similarity: the margin flips sign vs. distances
     masks = TripletMasks(
         valid=valid,
-        mined=valid & (triplet_margin > 0) & (triplet_margin <= margin),
+        # The reference's S_ap - S_an > 0 is S_ap > S_an in IEEE arithmetic; written as the
+        # comparison because XLA:CPU flushes a subnormal difference to 0 in some kernels only.
+        mined=valid & (sim_ap > sim_an) & (triplet_margin <= margin),
         ties=valid & (sim_ap == sim_an),
     )
     # Evaluated in the reference's order.
@@ -217,7 +233,8 @@ def _anchor_triplets(
 def semihard_triplet_masks(
     *, similarity: jax.Array, labels: jax.Array, margin: float
 ) -> TripletMasks:
-    """§6 miner on a similarity matrix (larger = closer), as fixed-shape (B, B, B) masks."""
+    """docs/method.md#triplet-loss miner on a similarity matrix (larger = closer), as fixed-shape
+    (B, B, B) masks."""
     positive_pair, negative = _triplet_pairs(labels)
     anchor_triplets = functools.partial(_anchor_triplets, margin=margin)
     return jax.vmap(anchor_triplets)(similarity, positive_pair, negative)[0]
@@ -231,7 +248,8 @@ def semihard_triplet_loss(
     anchor_block: int | None = None,
     method: str = "auto",
 ) -> tuple[jax.Array, TripletStats]:
-    """§6: semi-hard cosine triplet loss, mean over mined triplets with loss > 0.
+    """docs/method.md#triplet-loss: semi-hard cosine triplet loss, mean over mined triplets with
+    loss > 0.
 
     Mask-based: no Python loops or data-dependent shapes, so one compilation serves every
     batch. When nothing is kept the loss is exactly 0 and its gradient exactly zero.
@@ -250,9 +268,11 @@ def semihard_triplet_loss(
 TRIPLET_ANCHOR_BLOCK = 8
 # Below this batch the (B, B, B) work fits in cache anyway: one block, no loop.
 TRIPLET_BLOCKED_MIN_BATCH = 64
-# From this batch on, method="auto" takes the sorted O(B^2 log B) miner (benchmarks/RESULTS.md,
-# "Semi-hard triplet miner"); below it the dense O(B^3) one, which is faster there.
-TRIPLET_SORTED_MIN_BATCH = 128
+# From this batch on, method="auto" takes the sorted O(B^2 log B) miner; below it the dense
+# O(B^3) one, as fast there (<1 ms) and quicker to compile. On the 2-core development CPU the
+# sorted miner is ~4x faster at B=64, ~10x at 224 (benchmarks/RESULTS.md, "Semi-hard triplet
+# miner").
+TRIPLET_SORTED_MIN_BATCH = 64
 TRIPLET_METHODS = ("auto", "dense", "sorted")
 
 
@@ -287,7 +307,8 @@ def semihard_triplet_loss_from_similarity(
     anchor_block: int | None = None,
     method: str = "auto",
 ) -> tuple[jax.Array, TripletStats]:
-    """The §6 miner, loss and ThresholdReducer(low=0) on a given (B, B) similarity matrix.
+    """The docs/method.md#triplet-loss miner, loss and ThresholdReducer(low=0) on a given (B, B)
+    similarity matrix.
 
     Gradient w.r.t. S: +1/N on each kept S_an, -1/N on each kept S_ap; the masks carry none.
     The mining happens once, without gradient, reduced to (B, B) counts and sums: per
@@ -317,7 +338,10 @@ def semihard_triplet_loss_from_similarity(
     kept_per_ap, loss_per_ap, mined_per_ap, ties_per_ap, kept_per_an = terms
 
     num_kept = jnp.sum(kept_per_ap)
-    denominator = jnp.maximum(num_kept, 1).astype(similarity.dtype)
+    # N from per-anchor int32 sums in float: exact to 2^24, and no int32 wrap-around (the int32
+    # stats wrap past 2^31 - 1 kept triplets, e.g. B = 4096 with 10 classes).
+    kept_per_anchor = jnp.sum(kept_per_ap, axis=1).astype(similarity.dtype)
+    denominator = jnp.maximum(jnp.sum(kept_per_anchor), 1.0)
     value = jnp.sum(loss_per_ap) / denominator
     kept_difference = (kept_per_an - kept_per_ap).astype(similarity.dtype)
     surrogate = jnp.sum(similarity * kept_difference) / denominator
@@ -364,23 +388,49 @@ def _dense_triplet_terms(
     return jax.lax.map(per_anchor, (fixed, positive_pair, negative), batch_size=min(block, b))
 
 
-def _first_true(predicate, sorted_negatives: jax.Array, sim_ap: jax.Array, end: jax.Array):
-    """Per (anchor, positive): the first k in [0, end) with ``predicate(sorted[a, k], S_ap)``.
+def _first_true(predicate, sorted_negatives: jax.Array, sim: jax.Array, end: jax.Array):
+    """Per (anchor, j): the first k in [0, end) with ``predicate(sorted[a, k], S_aj)``.
 
     A vectorised binary search (``end`` where none holds); ``predicate`` must be monotone
     (false, then true) along each sorted row. Every step gathers one candidate per pair.
     """
     b = sorted_negatives.shape[1]
-    lo = jnp.zeros(end.shape, jnp.int32)
-    hi = end
-    for _ in range(max(b - 1, 0).bit_length()):  # the range [0, end) has at most b - 1 entries
+
+    def step(_, bounds):
+        lo, hi = bounds
         active = lo < hi
         mid = (lo + hi) // 2  # < b: in bounds even where inactive (lo == hi <= b - 1)
         candidate = jnp.take_along_axis(sorted_negatives, mid, axis=1, mode="promise_in_bounds")
-        holds = predicate(candidate, sim_ap)
-        hi = jnp.where(active & holds, mid, hi)
-        lo = jnp.where(active & ~holds, mid + 1, lo)
-    return lo
+        holds = predicate(candidate, sim)
+        return jnp.where(active & ~holds, mid + 1, lo), jnp.where(active & holds, mid, hi)
+
+    # The range [0, end) has at most b - 1 entries: that many halvings empty it.
+    steps = max(b - 1, 0).bit_length()
+    return jax.lax.fori_loop(0, steps, step, (jnp.zeros_like(end), end))[0]
+
+
+def _skip_to_true(predicate, sorted_negatives, sim, end, start, next_group):
+    """The first k in [start, end) with ``predicate(sorted[a, k], S_aj)`` (``end`` if none).
+
+    For an answer known to lie a few distinct values past ``start``: it jumps over whole
+    groups of equal values (``next_group[a, k]``: the first index past k's group), which a
+    float expression cannot tell apart, while any entry's predicate fails, so it takes as many
+    steps as the most distinct values any entry passes (0 when the predicate holds at
+    ``start`` everywhere). ``predicate`` must be monotone, as for `_first_true`.
+    """
+    b = sorted_negatives.shape[1]
+
+    def failing(k):
+        candidate = jnp.take_along_axis(
+            sorted_negatives, jnp.minimum(k, b - 1), axis=1, mode="promise_in_bounds"
+        )
+        return (k < end) & ~predicate(candidate, sim)
+
+    def step(k):
+        jump = jnp.take_along_axis(next_group, jnp.minimum(k, b - 1), axis=1)
+        return jnp.where(failing(k), jnp.minimum(jump, end), k)
+
+    return jax.lax.while_loop(lambda k: jnp.any(failing(k)), step, start)
 
 
 def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -422,43 +472,75 @@ def _sorted_triplet_terms(
 
     For a pair (a, p) today's per-triplet float predicates (`_anchor_triplets`) are monotone in
     S_an: ``S_ap - S_an <= margin`` and ``relu(S_an - S_ap + margin) > 0`` turn true as S_an
-    grows, ``S_ap - S_an > 0`` turns false, ``S_an >= S_ap`` and ``S_an > S_ap`` turn true. So
-    the mined, kept and tied negatives are index ranges of a's sorted negatives, found by
-    `_first_true` on those same float expressions: the counts are exactly the dense miner's.
-    A kept range's loss sum, ``sum(S_an) - count * (S_ap - margin)``, comes from prefix sums
-    of the sorted similarities in double-float (the difference cancels up to ~B-fold in
-    float32). Per-negative kept counts: +1 at each kept range's start and -1 at its end in
-    sorted order, a cumulative sum, then back to the original order.
+    grows, ``S_ap > S_an`` turns false, ``S_an >= S_ap`` and ``S_an > S_ap`` turn true. So
+    the mined, kept and tied negatives are index ranges of a's sorted negatives whose edges
+    `_first_true` finds by evaluating those same float expressions: the counts are exactly the
+    dense miner's. Two binary searches run: the mined range's start, and the first S_an >= S_aj
+    for every j (for a positive j the ties' start and the mined range's end, for a negative j
+    its rank); the other edges lie at most a few distinct values past these
+    (`_skip_to_true`). A kept range's loss sum,
+    ``sum(S_an) - count * (S_ap - margin)``, comes from prefix sums of the sorted similarities
+    in double-float (the difference cancels up to ~B-fold in float32). Per-negative kept
+    counts: +1 at each kept range's start and -1 at its end in sorted order, a cumulative sum,
+    then read at each negative's rank.
     """
     b = fixed.shape[0]
-    rows = jnp.arange(b)[:, None]
     columns = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32), (b, b))
     num_negatives = jnp.sum(negative, axis=1, dtype=jnp.int32)
     # Negatives first, ascending; the rest (same class, anchor itself) after them, never read.
-    keys = jnp.where(negative, fixed, jnp.inf)
-    sorted_negatives, order = jax.lax.sort((keys, columns), dimension=1, num_keys=1)
-    # Searches run over [0, num_negatives[a]) for positive pairs and over nothing otherwise.
+    # Sorted as int32 keys with the floats' order (several times faster than a float sort).
+    bits = jax.lax.bitcast_convert_type(jnp.where(negative, fixed, jnp.inf), jnp.int32)
+    flip = jnp.int32(0x7FFFFFFF)
+    keys = jnp.sort(jnp.where(bits < 0, bits ^ flip, bits), axis=1)
+    keys = jnp.where(keys < 0, keys ^ flip, keys)
+    sorted_negatives = jax.lax.bitcast_convert_type(keys, jnp.float32)
+
+    # Per sorted position, the first position past its group of equal values.
+    group_ends = jnp.where(sorted_negatives[:, 1:] == sorted_negatives[:, :-1], b, columns[:, 1:])
+    next_group = jax.lax.cummin(jnp.concatenate([group_ends, columns[:, -1:] + 1], 1), 1, True)
+    # Window searches run over [0, num_negatives[a]) for positive pairs, over nothing otherwise.
     end = jnp.where(positive_pair, num_negatives[:, None], 0)
 
-    def search(predicate):
-        return _first_true(predicate, sorted_negatives, fixed, end)
+    def gather(array, index):
+        return jnp.take_along_axis(array, index, axis=1, mode="promise_in_bounds")
 
-    mined_start = search(lambda s_an, s_ap: (s_ap - s_an) <= margin)
-    kept_start = search(
-        lambda s_an, s_ap: ((s_ap - s_an) <= margin) & (jax.nn.relu(s_an - s_ap + margin) > 0)
+    def last_index(index):
+        return jnp.minimum(index, b - 1)
+
+    # The first S_an >= S_aj for every j: for a positive the ties' start, for a negative its
+    # rank among a's sorted negatives.
+    not_self = columns != jnp.arange(b)[:, None]
+    rank = _first_true(
+        lambda s_an, s_aj: s_an >= s_aj,
+        sorted_negatives,
+        fixed,
+        jnp.where(not_self, num_negatives[:, None], 0),
     )
-    harder_start = search(lambda s_an, s_ap: ~((s_ap - s_an) > 0))  # end of both ranges
-    ties_start = search(lambda s_an, s_ap: s_an >= s_ap)
-    ties_end = search(lambda s_an, s_ap: s_an > s_ap)
+    ties_start = jnp.where(positive_pair, rank, 0)
+    ties_end = _skip_to_true(
+        lambda s_an, s_ap: s_an > s_ap, sorted_negatives, fixed, end, ties_start, next_group
+    )
+    mined_start = _first_true(
+        lambda s_an, s_ap: (s_ap - s_an) <= margin, sorted_negatives, fixed, end
+    )
+    # Past a mined start only triplets with a loss of exactly 0 are dropped: a few values.
+    kept_start = _skip_to_true(
+        lambda s_an, s_ap: ((s_ap - s_an) <= margin) & (jax.nn.relu(s_an - s_ap + margin) > 0),
+        sorted_negatives,
+        fixed,
+        end,
+        mined_start,
+        next_group,
+    )
 
-    mined_per_ap = jnp.maximum(harder_start - mined_start, 0)
-    kept_end = jnp.maximum(harder_start, kept_start)
+    # Mined and kept ranges end where S_an >= S_ap: at the ties' start.
+    mined_per_ap = jnp.maximum(ties_start - mined_start, 0)
+    kept_end = jnp.maximum(ties_start, kept_start)
     kept_per_ap = kept_end - kept_start
     ties_per_ap = ties_end - ties_start
 
     # Prefix sums of each anchor's sorted negatives (0 past them), double-float, by a scan.
-    valid_sorted = columns < num_negatives[:, None]
-    values = jnp.where(valid_sorted, sorted_negatives, 0.0)
+    values = jnp.where(columns < num_negatives[:, None], sorted_negatives, 0.0)
 
     def accumulate(carry, column):
         carry = _df_add(carry, (column, jnp.zeros_like(column)))
@@ -469,13 +551,9 @@ def _sorted_triplet_terms(
     # prefix[a, k] = sum of the first k sorted negatives: a zero column in front.
     prefix_hi = jnp.concatenate([zeros[:, None], prefix_hi.T], axis=1)
     prefix_lo = jnp.concatenate([zeros[:, None], prefix_lo.T], axis=1)
-
-    def at(prefix, index):
-        return jnp.take_along_axis(prefix, index, axis=1, mode="promise_in_bounds")
-
     window = _df_add(
-        (at(prefix_hi, kept_end), at(prefix_lo, kept_end)),
-        (-at(prefix_hi, kept_start), -at(prefix_lo, kept_start)),
+        (gather(prefix_hi, kept_end), gather(prefix_lo, kept_end)),
+        (-gather(prefix_hi, kept_start), -gather(prefix_lo, kept_start)),
     )
     # sum over the kept range of (S_an - S_ap + margin) = window - count * S_ap + count * margin
     count_ap = _df_count_product(kept_per_ap, fixed)
@@ -483,15 +561,12 @@ def _sorted_triplet_terms(
     loss_sum = _df_add(_df_add(window, (-count_ap[0], -count_ap[1])), count_margin)
     loss_per_ap = jnp.where(kept_per_ap > 0, loss_sum[0] + loss_sum[1], 0.0)
 
-    # Kept counts per negative: a difference array over sorted positions, summed, unsorted.
-    anchors = jnp.broadcast_to(rows, (b, b))
+    # Kept counts per negative: a difference array over sorted positions, summed, then read
+    # at each negative's rank (tied negatives share their ranges, so any of their positions).
+    anchors = jnp.broadcast_to(jnp.arange(b)[:, None], (b, b))
     steps = jnp.zeros((b, b), jnp.int32)
     steps = steps.at[anchors, kept_start].add(1, mode="promise_in_bounds")
     steps = steps.at[anchors, kept_end].add(-1, mode="promise_in_bounds")
     kept_sorted = jnp.cumsum(steps, axis=1)
-    kept_per_an = (
-        jnp.zeros((b, b), jnp.int32)
-        .at[anchors, order]
-        .set(kept_sorted, unique_indices=True, mode="promise_in_bounds")
-    )
+    kept_per_an = jnp.where(negative, gather(kept_sorted, last_index(rank)), 0)
     return kept_per_ap, loss_per_ap, mined_per_ap, ties_per_ap, kept_per_an

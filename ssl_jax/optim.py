@@ -1,6 +1,6 @@
 """SGD with Nesterov momentum, name-based weight decay, the 7/16 cosine schedule and the EMA model.
 
-ALGORITHMS.md §4.1–§4.3. PyTorch's SGD (dampening 0, decay added to the gradient) equals
+docs/method.md#optimisation. PyTorch's SGD (dampening 0, decay added to the gradient) equals
 ``add_decayed_weights`` followed by ``optax.sgd(nesterov=True)`` with a zero-initialised trace.
 """
 
@@ -42,8 +42,9 @@ def decay_mask(params) -> dict:
     """True where weight decay applies: every kernel, and the γ of ResNet downsample BatchNorms.
 
     The reference decays every parameter whose *name* lacks "bias" and "bn"; restated on Flax
-    trees (§4.1): convolution and Dense kernels, plus the BN scale inside each downsample
-    shortcut (Q10), whose PyTorch name ("downsample.1.weight") has neither substring.
+    trees (docs/method.md#sgd-and-weight-decay): convolution and Dense kernels, plus the BN scale
+    inside each downsample shortcut (docs/method.md#q10-decayed-downsample-bn-scale), whose PyTorch
+    name ("downsample.1.weight") has neither substring.
     """
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
     mask = {

@@ -6,7 +6,7 @@ One row per experiment: runs whose configs differ only by `seed` (and by setting
 change training: data location, workers, eval/predict options) are one experiment, shown as
 mean ± sample standard deviation (n runs). Top1 is the EMA top-1 of the last evaluation,
 Best-Top1 the best EMA top-1 over all evaluations, Mean the mean of the last
-`train.mean_of_last` evaluations (ALGORITHMS.md §4.4). Prints the Markdown table; with
+`train.mean_of_last` evaluations (docs/method.md#evaluation). Prints the Markdown table; with
 `--out PREFIX` also writes PREFIX.md and PREFIX.csv.
 """
 

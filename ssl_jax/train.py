@@ -71,7 +71,8 @@ def resolve_augment_where(config: ml_collections.ConfigDict) -> str:
 def network_inputs(
     batch: Mapping[str, jax.Array], views: tuple[str, ...], *, normalize_strong1: bool, dtype
 ) -> jax.Array:
-    """Concatenates ``[x ; views...]`` as network input; strong1 stays in [0, 1] by default (Q3)."""
+    """Concatenates ``[x ; views...]`` as network input; strong1 stays in [0, 1] by default
+    (docs/method.md#q3-unnormalised-strong1-view)."""
     parts = [to_network_input(batch["x"], dtype=dtype)]
     for view in views:
         normalize = normalize_strong1 or view != "u_s1"
@@ -91,7 +92,7 @@ def train_step(
     augment_fn: Callable | None = None,
     platform: str | None = None,
 ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
-    """One optimizer step of any algorithm (ALGORITHMS.md §8)."""
+    """One optimizer step of any algorithm (docs/method.md#training-step)."""
     step = state.step
     step_rng = jax.random.fold_in(state.rng, step)
     if augment_fn is not None:  # on-device augmentation from the device-resident cache
@@ -525,7 +526,8 @@ def _check_finite(values, first_step, last_step, writer, manager) -> None:
 
 
 def _evaluate_epoch(state, done, *, model, data, config, writer, meta, workdir, embed_epochs):
-    """EMA evaluation at an epoch end (§4.4): logs top-1/5, best and mean of the last N."""
+    """EMA evaluation at an epoch end (docs/method.md#evaluation): logs top-1/5, best and mean of
+    the last N."""
     t = config.train
     epoch = math.ceil(done / t.steps_per_epoch)
     result, arrays = inference.evaluate(

@@ -32,7 +32,7 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     ema_params: Any
-    ema_batch_stats: Any  # copied from the online model after every step (§4.3)
+    ema_batch_stats: Any  # copied from the online model after every step (docs/method.md#ema)
     algo_state: Any  # memory bank, DA history, ... ({} for stateless methods)
     rng: jax.Array  # raw uint32[2] key; per-step keys are fold_in(rng, step)
     # The logged values summed since the current logging interval began, inside the program
@@ -95,7 +95,7 @@ def create_train_state(
     tx: optax.GradientTransformation,
     num_classes: int,
 ) -> TrainState:
-    """Initial state; the EMA model starts as a copy of the initial model (§4.3)."""
+    """Initial state; the EMA model starts as a copy of the initial model (docs/method.md#ema)."""
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     size = config.data.crop_size
     # Jitted: eager init would compile every initializer op separately (seconds on CPU).

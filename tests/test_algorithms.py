@@ -1,4 +1,4 @@
-"""The algorithm registry and CoMatch's state handling under jit (ALGORITHMS.md §5.4–§5.6)."""
+"""The algorithm registry and CoMatch's state handling under jit (docs/method.md#comatch)."""
 
 from __future__ import annotations
 
@@ -149,7 +149,8 @@ def test_comatch_state_survives_orbax_round_trip(tmp_path):
 
 
 def test_smoothing_switches_on_after_queue_batch_under_one_compile():
-    """Q4: off at iteration == queue_batch of epoch 0, on at +1 and whenever epoch > 0."""
+    """docs/method.md#q4-smoothing-start: off at iteration == queue_batch of epoch 0, on at +1 and
+    whenever epoch > 0."""
     cfg = small_cfg(queue_batch=5)
     logits, feats, batch = random_outputs(2, 3)
     rng = np.random.default_rng(3)

@@ -1,6 +1,6 @@
 """Host (PIL) augmentation: every op against an expectation computed independently here
-(numpy formulas or PIL calls written out), the §2.4 magnitude table, the crop-box sampler,
-the stream probabilities, cutout geometry, determinism and non-square input."""
+(numpy formulas or PIL calls written out), the magnitude table of docs/method.md#randaugment, the
+crop-box sampler, the stream probabilities, cutout geometry, determinism and non-square input."""
 
 import glob
 import math
@@ -321,7 +321,8 @@ def test_randaugment_draw_frequencies():
     counts = np.array([names.count(n) for n in spec.RANDAUGMENT_OPS])
     expected = len(names) / 14
     assert (np.abs(counts - expected) < 5 * math.sqrt(expected)).all()
-    # Magnitudes cover v = 1..9 only (Q11): the parameters are exactly the table's values.
+    # Magnitudes cover v = 1..9 only (docs/method.md#q11-randaugment-magnitudes): the parameters are
+    # exactly the table's values.
     rotations = {abs(p) for n, p in params if n == "rotate"}
     assert rotations == {3 * v for v in range(1, 10)}
     solarize = {p for n, p in params if n == "solarize"}

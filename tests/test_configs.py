@@ -57,7 +57,8 @@ def test_table_one_settings():
         idc.algorithm.t_push,
         idc.data.mu,
     ) == (0.95, 1.0, 0.0, 5)
-    assert od.algorithm.lambda_c == 1.0  # Q7: CoMatch's own weight stays 1
+    # docs/method.md#q7-ccssl-weight-mapping: CoMatch's own weight stays 1
+    assert od.algorithm.lambda_c == 1.0
     assert load("aid10_triplet").data.classes == base.AID10_CLASSES
     assert load("ucm21_comatch_wrn28_2").model.name == "wrn28_2"
 

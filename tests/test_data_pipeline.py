@@ -165,6 +165,8 @@ def test_workers_match_in_process(data):
     take(it, 1)
     state = it.get_state()
     rest = take(it, 3)
+    with pytest.raises(StopIteration):
+        next(it)  # ends at total_steps with workers too
     it.close()
     assert_batches_equal(rest, in_process[1:])
     resumed = train_iterator(data, small_config(total_steps=4, workers=2), views=VIEWS)

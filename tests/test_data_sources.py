@@ -128,7 +128,7 @@ def test_aid_counts(shared_data):
     )
     counts = (len(data.train), len(data.test), len(data.labelled), len(data.unlabelled))
     assert counts == (1575, 1575, 40, 1575)
-    per_class = [180, 155, 150, 140, 170, 175, 185, 130, 145, 145]  # ALGORITHMS.md §2.1
+    per_class = [180, 155, 150, 140, 170, 175, 185, 130, 145, 145]  # docs/method.md#datasets
     assert np.bincount(data.train.labels).tolist() == per_class
     assert np.bincount(data.test.labels).tolist() == per_class
     assert [y for _, _, y in read_list("AID_test.txt")] == data.test.labels.tolist()

@@ -14,12 +14,15 @@ import sys
 
 import numpy as np
 import pytest
+from absl import flags
 from conftest import REPO, tiny_run_config
 from PIL import Image
 
+import launch
 from ssl_jax import checkpoint as checkpoint_lib
-from ssl_jax import evaluate, metric_writers, retrieval, run, train
+from ssl_jax import evaluate, inference, metric_writers, retrieval, run, train
 from ssl_jax.data import DataError
+from ssl_jax.data.augment_spec import CROP_SIZE
 
 UCM10 = importlib.import_module("configs.base").UCM10_CLASSES
 
@@ -205,6 +208,57 @@ def test_eval_cli_prints_json_last_and_picks_the_requested_step(trained, capsys)
     assert best["top1"] == pytest.approx(max(r["top1"] for r in _eval_records(workdir)))
 
 
+def test_eval_without_a_config_file_takes_the_workdirs_config(trained, capsys):
+    """python launch.py --workdir W --mode eval --config.eval.step=best (no --config)."""
+    workdir, _, _ = trained
+    argv = ["launch.py", "--workdir", str(workdir), "--mode", "eval", "--config.eval.step=best"]
+    flag_values = flags.FlagValues()
+    remaining = launch.parse_flags([*argv, "--noconfig.eval.figures"], flag_values)
+    result = launch.main(remaining, flag_values)
+    best = max(_eval_records(workdir), key=lambda r: r["top1"])
+    assert result["step"] == best["step"] and result["top1"] == pytest.approx(best["top1"])
+    assert result["figures"] == []
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == best["step"]
+
+
+def test_evaluation_and_prediction_use_the_runs_crop_size(
+    trained, shared_data, tmp_path, monkeypatch
+):
+    """A run whose config.json says crop 56 is evaluated and predicted on 56x56 centre crops."""
+    workdir, config, _ = trained
+    assert CROP_SIZE != 56 and config.data.crop_size != 56
+    copy = tmp_path / "run56"
+    shutil.copytree(workdir / "checkpoints", copy / "checkpoints")
+    for name in ("split.json", "metrics.jsonl"):
+        shutil.copy(workdir / name, copy / name)
+    saved = json.loads((workdir / "config.json").read_text())
+    saved["data"]["crop_size"] = 56
+    (copy / "config.json").write_text(json.dumps(saved))
+
+    shapes = []
+    make_eval_step = inference.make_eval_step
+
+    def spying_make_eval_step(model):
+        step = make_eval_step(model)
+
+        def eval_step(variables, images):
+            shapes.append(tuple(images.shape[1:]))
+            return step(variables, images)
+
+        return eval_step
+
+    monkeypatch.setattr(inference, "make_eval_step", spying_make_eval_step)
+    cli = tiny_config(config.data.cache_dir)
+    result = evaluate.evaluate_workdir(str(copy), cli)
+    assert result["num_test"] == 500 and shapes and set(shapes) == {(56, 56, 3)}
+
+    shapes.clear()
+    cli.predict.input = str(shared_data / "ucm" / "freeway" / "freeway00.png")
+    cli.predict.output = str(tmp_path / "out.csv")
+    assert evaluate.predict_workdir(str(copy), cli)["num_images"] == 1
+    assert shapes and set(shapes) == {(56, 56, 3)}
+
+
 def test_train_mode_evaluates_after_training_and_figures_false_skips_only_figures(
     trained, tmp_path, capsys
 ):
@@ -332,6 +386,17 @@ def test_predict_lists_every_unreadable_image(trained, shared_data, tmp_path):
         evaluate.predict_workdir(str(workdir), cli)
     assert "junk.png" in str(err.value) and "cut.tif" in str(err.value)
     assert "good.png" not in str(err.value)
+
+    # Image files the loader does not read are reported by name, never skipped.
+    (folder / "scan.bmp").write_bytes(b"BM")
+    (folder / "nested" / "photo.webp").write_bytes(b"RIFF")
+    with pytest.raises(DataError, match=r"2 file\(s\) in --config.predict.input") as err:
+        evaluate.predict_workdir(str(workdir), cli)
+    assert "scan.bmp" in str(err.value) and "photo.webp" in str(err.value)
+    assert "does not read (.bmp, .webp" in str(err.value)
+    cli.predict.input = str(folder / "scan.bmp")
+    with pytest.raises(DataError, match=r"1 file\(s\) in .*scan.bmp"):
+        evaluate.predict_workdir(str(workdir), cli)
 
     cli.predict.input = ""
     with pytest.raises(DataError, match="needs --config.predict.input"):

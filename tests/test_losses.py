@@ -7,7 +7,9 @@ the reducer's strict ``> 0``, and the DA buffer's oldest-first bookkeeping.
 
 from __future__ import annotations
 
+import functools
 import itertools
+from pathlib import Path
 
 import chex
 import jax
@@ -24,7 +26,8 @@ def unit_rows(x):
 
 
 def numpy_triplet(sim: np.ndarray, labels: np.ndarray, margin: float = 0.2):
-    """Loop-based §6 reference (miner, TripletMarginLoss, ThresholdReducer) in float32."""
+    """Loop-based docs/method.md#triplet-loss reference (miner, TripletMarginLoss, ThresholdReducer)
+    in float32."""
     margin = np.float32(margin)
     valid = mined = ties = 0
     kept = []
@@ -89,7 +92,8 @@ def test_triplet_valid_count_closed_form_and_single_compile_at_paper_batch():
 
 
 def test_triplet_anchor_blocks_equal_one_block_and_numpy():
-    """B = 100 in anchor blocks (8 plus a remainder, 7, 100) against a vectorised NumPy §6."""
+    """B = 100 in anchor blocks (8 plus a remainder, 7, 100) and sorted, against NumPy
+    docs/method.md#triplet-loss."""
     rng = np.random.default_rng(3)
     b = 100
     assert b >= losses.TRIPLET_BLOCKED_MIN_BATCH and b % losses.TRIPLET_ANCHOR_BLOCK
@@ -108,10 +112,10 @@ def test_triplet_anchor_blocks_equal_one_block_and_numpy():
     expected_loss = float(per_triplet[keep].astype(np.float64).sum() / n_kept)
     expected_grad = (keep.sum(axis=1) - keep.sum(axis=2)) / n_kept
 
-    def run(anchor_block):
+    def run(anchor_block, method="dense"):
         loss_and_grad = jax.value_and_grad(
             lambda s: losses.semihard_triplet_loss_from_similarity(
-                similarity=s, labels=jnp.asarray(labels), anchor_block=anchor_block
+                similarity=s, labels=jnp.asarray(labels), anchor_block=anchor_block, method=method
             ),
             has_aux=True,
         )
@@ -122,8 +126,8 @@ def test_triplet_anchor_blocks_equal_one_block_and_numpy():
     np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=1e-5, atol=1e-9)
     assert [int(x) for x in stats] == [int(valid.sum()), int(mined.sum()), n_kept, 0]
-    for anchor_block in (7, b):
-        (loss_other, stats_other), grad_other = run(anchor_block)
+    for anchor_block, method in ((7, "dense"), (b, "dense"), (None, "sorted")):
+        (loss_other, stats_other), grad_other = run(anchor_block, method)
         assert [int(x) for x in stats_other] == [int(x) for x in stats]
         np.testing.assert_allclose(float(loss_other), float(loss), rtol=1e-6)
         np.testing.assert_allclose(np.asarray(grad_other), np.asarray(grad), rtol=1e-6, atol=1e-9)
@@ -206,6 +210,158 @@ def test_triplet_exact_ties_are_counted_and_not_mined():
     _, valid, mined, _, ties = numpy_triplet(sim, labels)
     assert int(stats.ties) == ties >= 1
     assert int(stats.mined) == mined and int(stats.valid) == valid
+
+
+def _tie_heavy_similarity(rng, b, levels=8):
+    """A similarity matrix on a coarse grid: many exact ties, many triplets exactly at 0.25."""
+    return (rng.integers(-levels, levels + 1, size=(b, b)) / levels).astype(np.float32)
+
+
+def _sorted_vs_dense_cases():
+    """(name, similarity, labels, margin): random, tied, degenerate; B = 48 except B = 2."""
+    rng = np.random.default_rng(11)
+    b = 48
+    labels = rng.integers(0, 5, size=b).astype(np.int32)
+    emb = unit_rows(rng.normal(size=(b, 8)).astype(np.float32) + 0.8 * labels[:, None])
+    sim = np.asarray(losses.cosine_similarity(jnp.asarray(emb)))
+    # Quantised 3-d embeddings with repeated rows: exact ties among real cosines.
+    quantised = np.round(rng.normal(size=(b, 3)) * 2.0).astype(np.float32) + 0.5
+    sim_quantised = np.asarray(losses.cosine_similarity(jnp.asarray(quantised)))
+    same = labels[:, None] == labels[None, :]
+    tiny = np.float32(2e-38) * (1.0 + rng.integers(0, 4, size=(b, b)) / 16).astype(np.float32)
+    cases = [
+        ("random m=0.2", sim, labels, 0.2),
+        ("random m=0.05", sim, labels, 0.05),
+        ("random m=0.7", sim, labels, 0.7),
+        ("random m=0", sim, labels, 0.0),
+        ("quantised embeddings", sim_quantised, labels, 0.2),
+        ("grid ties, at the margin", _tie_heavy_similarity(rng, b), labels, 0.25),
+        ("grid ties, two classes", _tie_heavy_similarity(rng, b, 2), labels % 2, 0.5),
+        ("one class", sim, np.zeros(b, np.int32), 0.2),
+        ("all classes distinct", sim, np.arange(b, dtype=np.int32), 0.2),
+        ("all easy", np.where(same, 0.9, -0.5).astype(np.float32), labels, 0.2),
+        ("all hard", np.where(same, -0.5, 0.9).astype(np.float32), labels, 0.2),
+        # Normal similarities whose differences are subnormal (XLA:CPU flushes some to 0).
+        ("subnormal differences", tiny, labels, 0.2),
+    ]
+    two = np.asarray([[1.0, 0.3], [0.3, 1.0]], np.float32)
+    cases += [
+        ("B=2, one class", two, np.asarray([4, 4], np.int32), 0.2),
+        ("B=2, two classes", two, np.asarray([0, 1], np.int32), 0.2),
+    ]
+    return cases
+
+
+@functools.partial(jax.jit, static_argnames="method")
+def _triplet_on_similarity(sim, labels, margin, *, method):
+    """Loss, stats and d loss / d S; the margin traced, so one compile per (B, method)."""
+    return jax.value_and_grad(
+        lambda s: losses.semihard_triplet_loss_from_similarity(
+            similarity=s, labels=labels, margin=margin, method=method
+        ),
+        has_aux=True,
+    )(sim)
+
+
+@pytest.mark.parametrize("case", _sorted_vs_dense_cases(), ids=lambda case: case[0])
+def test_sorted_triplet_miner_matches_dense(case):
+    """Same counts exactly, same gradient exactly, same loss to float32 summation order."""
+    _, sim, labels, margin = case
+    args = (jnp.asarray(sim), jnp.asarray(labels), jnp.float32(margin))
+    (loss_dense, stats_dense), grad_dense = _triplet_on_similarity(*args, method="dense")
+    (loss_sorted, stats_sorted), grad_sorted = _triplet_on_similarity(*args, method="sorted")
+    assert [int(x) for x in stats_sorted] == [int(x) for x in stats_dense]
+    np.testing.assert_allclose(float(loss_sorted), float(loss_dense), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(grad_sorted), np.asarray(grad_dense))
+    if int(stats_dense.positive) == 0:
+        assert float(loss_sorted) == 0.0 and not np.any(np.asarray(grad_sorted))
+
+
+def test_sorted_triplet_cases_exercise_ties_margin_and_subnormals():
+    """The cases above reach the sorted miner's rare branches, so their agreement means it."""
+    cases = {name: (sim, labels, margin) for name, sim, labels, margin in _sorted_vs_dense_cases()}
+
+    def stats(name):
+        sim, labels, margin = cases[name]
+        args = (jnp.asarray(sim), jnp.asarray(labels), jnp.float32(margin))
+        return _triplet_on_similarity(*args, method="dense")[0][1]
+
+    assert int(stats("quantised embeddings").ties) > 50
+    grid = stats("grid ties, at the margin")
+    assert int(grid.ties) > 500 and 0 < int(grid.positive) < int(grid.mined)  # at the margin
+    assert int(stats("all easy").mined) == 0 and int(stats("all hard").mined) == 0
+    # Subnormal differences: mined as in IEEE arithmetic (NumPy, PyTorch), not flushed to 0.
+    sim, labels, _ = cases["subnormal differences"]
+    s_ap, s_an = sim[:, :, None], sim[:, None, :]
+    same = labels[:, None] == labels[None, :]
+    valid = (same & ~np.eye(len(labels), dtype=bool))[:, :, None] & ~same[:, None, :]
+    assert np.all(np.abs(s_ap - s_an)[valid] < np.finfo(np.float32).tiny)
+    assert int(stats("subnormal differences").mined) == int(np.sum(valid & (s_ap > s_an))) > 0
+
+
+TRIPLET_FIXTURES = sorted((Path(__file__).parent / "fixtures").glob("triplet_*.npz"))
+
+
+@pytest.mark.parametrize("path", TRIPLET_FIXTURES, ids=lambda path: path.stem)
+def test_triplet_fixtures_with_the_miner_auto_does_not_pick(path):
+    """test_reference_fixtures.py runs "auto"; here the other miner meets the same fixture."""
+    with np.load(path) as fx:
+        fx = dict(fx)
+    emb, labels = jnp.asarray(fx["emb"]), jnp.asarray(fx["labels"])
+    other = {"dense": "sorted", "sorted": "dense"}[losses.triplet_method(len(labels))]
+    (loss, stats), grad = jax.jit(
+        jax.value_and_grad(
+            lambda e: losses.semihard_triplet_loss(
+                embeddings=e, labels=labels, margin=0.2, method=other
+            ),
+            has_aux=True,
+        )
+    )(emb)
+    assert [int(x) for x in stats] == [
+        int(fx[key]) for key in ("n_triplets_all", "n_mined", "n_positive_loss", "n_exact_ties")
+    ]
+    np.testing.assert_allclose(float(loss), float(fx["loss"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), fx["grad_emb"], rtol=1e-4, atol=1e-6)
+
+
+def test_sorted_triplet_loss_is_free_of_prefix_sum_cancellation():
+    """Per (anchor, positive) kept-loss sums against float64 sums of the float32 terms.
+
+    Tight clusters (similarities ~0.99) make sum(S_an) - count * S_ap cancel ~100-fold; with
+    plain float32 prefix sums the worst pair is off by ~3e-6 (relative), with the double-float
+    ones by ~6e-8, below the dense miner's own float32 summation (~1.4e-7).
+    """
+    rng = np.random.default_rng(12)
+    b = 300
+    labels = rng.integers(0, 10, size=b).astype(np.int32)
+    emb = rng.normal(size=(b, 32)).astype(np.float32) * 0.3 + 3.0 + 0.1 * labels[:, None]
+    sim = np.asarray(losses.cosine_similarity(jnp.asarray(unit_rows(emb))))
+    positive_pair, negative = losses._triplet_pairs(jnp.asarray(labels))
+    kept, loss_sum, *_ = jax.jit(losses._sorted_triplet_terms, static_argnums=3)(
+        jnp.asarray(sim), positive_pair, negative, 0.2
+    )
+    expected_kept = np.zeros((b, b), np.int64)
+    expected_sum = np.zeros((b, b))
+    margin = np.float32(0.2)
+    for a in range(b):  # docs/method.md#triplet-loss in float32 per triplet, summed in float64
+        s_an = sim[a, labels != labels[a]]
+        for p in np.flatnonzero((labels == labels[a]) & (np.arange(b) != a)):
+            per_triplet = (s_an - sim[a, p]) + margin
+            keep = (sim[a, p] - s_an > 0) & (sim[a, p] - s_an <= margin) & (per_triplet > 0)
+            expected_kept[a, p] = keep.sum()
+            expected_sum[a, p] = np.sum(per_triplet[keep], dtype=np.float64)
+    assert np.mean(sim) > 0.95 and expected_kept.sum() > 10**5
+    np.testing.assert_array_equal(np.asarray(kept), expected_kept)
+    np.testing.assert_allclose(np.asarray(loss_sum, np.float64), expected_sum, rtol=3e-7)
+
+
+def test_triplet_method_selection():
+    small, large = losses.TRIPLET_SORTED_MIN_BATCH - 1, losses.TRIPLET_SORTED_MIN_BATCH
+    assert losses.triplet_method(small) == "dense"
+    assert losses.triplet_method(large) == "sorted"
+    assert losses.triplet_method(large, "dense") == "dense"
+    with pytest.raises(ValueError, match="method must be one of"):
+        losses.triplet_method(large, "fast")
 
 
 # -------------------------------------------------------------------- classification

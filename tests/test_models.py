@@ -1,4 +1,5 @@
-"""Backbones: ALGORITHMS.md §3 architecture, parameter counts, init, BN, heads, §4.1 names."""
+"""Backbones: architecture (docs/method.md#models), parameter counts, init, BN, heads,
+weight-decay names (docs/method.md#sgd-and-weight-decay)."""
 
 import functools
 import math
@@ -26,7 +27,8 @@ def _count(tree) -> int:
 
 
 def _decayed(path: tuple[str, ...]) -> bool:
-    """The lead's weight-decay mask rule (§4.1 restated for flax names)."""
+    """The lead's weight-decay mask rule (docs/method.md#sgd-and-weight-decay restated for flax
+    names)."""
     return path[-1] == "kernel" or (path[-1] == "scale" and path[-2].startswith("downsample_bn"))
 
 
@@ -129,7 +131,7 @@ def test_forward_shapes_dtypes_and_unit_norm(name):
 
 
 def test_resnet18_feature_map_sizes_at_60px():
-    """§3.1's table: 30 -> 15 (max-pool) -> 15 -> 8 -> 4 -> 2."""
+    """The table of docs/method.md#resnet: 30 -> 15 (max-pool) -> 15 -> 8 -> 4 -> 2."""
     model = get_model("resnet18", 10, width=TINY_WIDTH)
     images = jax.ShapeDtypeStruct((2, 60, 60, 3), jnp.float32)
 
@@ -195,7 +197,8 @@ def test_train_and_eval_batch_norm(tiny_resnet18):
 
 
 def test_wrn_dead_batch_norm_quirk():
-    """Q9: BN1 of group2_0 / group3_0 is computed (stats update) but gets no gradient."""
+    """docs/method.md#q9-wrn-dead-batchnorm: BN1 of group2_0 / group3_0 is computed (stats update)
+    but gets no gradient."""
     model = get_model("wrn28_2", 4, 8, width=TINY_WIDTH)
     images = _images(4, 32)
     variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images)

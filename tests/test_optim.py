@@ -25,7 +25,8 @@ def test_decay_mask_follows_the_reference_name_rule():
     mask = optim.decay_mask(_tree())
     assert mask["conv1"]["kernel"] and mask["classifier"]["kernel"]
     assert mask["block"]["downsample_conv"]["kernel"]
-    assert mask["block"]["downsample_bn"]["scale"]  # Q10: downsample BN gamma is decayed
+    # docs/method.md#q10-decayed-downsample-bn-scale: downsample BN gamma is decayed
+    assert mask["block"]["downsample_bn"]["scale"]
     assert not mask["block"]["downsample_bn"]["bias"]
     assert not mask["bn1"]["scale"] and not mask["bn1"]["bias"]
     assert not mask["classifier"]["bias"]

@@ -107,7 +107,8 @@ def algorithm_cfg(fx: Fixture, *, fixmatch_temperature: bool = False):
     if "cfg_contrast_left_out" in fx:
         left_out = fx.scalar("cfg_contrast_left_out")
         thresh = fx.scalar("cfg_contrast_with_thresh")
-        # §1.2: T_push applies only with contrast_left_out; ID leaves the threshold at 0.
+        # docs/method.md#ccssl-settings: T_push applies only with contrast_left_out; ID leaves the
+        # threshold at 0.
         cfg.t_push = float(thresh) if left_out else 0.0
         if not left_out:
             assert thresh == 0.0
@@ -248,7 +249,8 @@ def check_comatch_outputs(fx, *, index, loss, new_state, metrics, grads, terms, 
     grad_logits, grad_feats_raw = grads
     assert_close(grad_logits, ref("grad_logits"), GRAD_TOL, what + "grad_logits")
     assert_close(grad_feats_raw, ref("grad_feats_raw"), GRAD_TOL, what + "grad_feats_raw")
-    # §5.10: nothing reaches u_w logits, u_s1 logits, x features or u_w features.
+    # docs/method.md#total-loss: nothing reaches u_w logits, u_s1 logits, x features or u_w
+    # features.
     assert_zero_rows(grad_logits, ref("grad_logits"), slice(b, b + bu), what + "grad ℓw")
     assert_zero_rows(grad_logits, ref("grad_logits"), slice(b + 2 * bu, None), what + "grad ℓs1")
     assert_zero_rows(grad_feats_raw, ref("grad_feats_raw"), slice(0, b + bu), what + "grad zx,zw")
@@ -493,7 +495,7 @@ def check_sgd_ema(fx: Fixture):
         ema_params = optim.ema_update(ema_params, params, ema_decay)
         assert_close(params_to_flat(params), fx["params_after"][k], tol, f"params {k}")
         assert_close(params_to_flat(ema_params), fx["ema_params_after"][k], tol, f"ema {k}")
-        # §4.3: buffers are copied into the EMA model, not averaged.
+        # docs/method.md#ema: buffers are copied into the EMA model, not averaged.
         assert_exact(fx["ema_buffers_after"][k], fx["buffers_set"][k], f"ema buffers {k}")
 
 

@@ -1,7 +1,7 @@
 """The contract every algorithm fulfils, so one generic train step can run them all.
 
 An algorithm is a pure function of the network outputs of one concatenated forward pass
-``[x ; u_view_1 ; u_view_2 ; ...]`` (ALGORITHMS.md §5.1) plus its own state (memory bank,
+``[x ; u_view_1 ; u_view_2 ; ...]`` (docs/method.md#forward-pass) plus its own state (memory bank,
 distribution-alignment history), which lives in the train state and is threaded through
 every step. The train step (ssl_jax/train.py) does the forward pass; the algorithm does the
 rest. Because the algorithm never sees parameters, the golden fixtures (which give logits and

@@ -1,4 +1,4 @@
-"""The CCSSL term shared by FixMatch+CCSSL and CoMatch+CCSSL (ALGORITHMS.md §7)."""
+"""The CCSSL term shared by FixMatch+CCSSL and CoMatch+CCSSL (docs/method.md#ccssl)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ def ccssl_term(
 ) -> jax.Array:
     """Mean class-aware contrastive loss over the 2·Bu anchors.
 
-    ``cfg.t_push > 0`` is the out-of-distribution setting (§7.2): only confident samples
-    attract each other. T_push = 0 selects every pair, so no selection matrix is built.
+    ``cfg.t_push > 0`` is the out-of-distribution setting (docs/method.md#id-and-od-settings): only
+    confident samples attract each other. T_push = 0 selects every pair, so no selection matrix is
+    built.
     """
     select = None
     if cfg.t_push > 0:

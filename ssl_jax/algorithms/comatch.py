@@ -1,4 +1,5 @@
-"""CoMatch (ALGORITHMS.md §5) and its two extensions, CoMatch+CCSSL (§7.3) and CoMatch+Triplet (§6).
+"""CoMatch (docs/method.md#comatch) and its two extensions, CoMatch+CCSSL
+(docs/method.md#ccssl-on-comatch) and CoMatch+Triplet (docs/method.md#triplet-loss).
 
 The three share one step: distribution alignment, memory smoothing, the pseudo-label graph and the
 graph-contrastive loss, with a memory bank and DA history carried in fixed-shape state so the
@@ -21,7 +22,8 @@ from ssl_jax.data.views import UNLABELLED_VIEWS
 
 
 def queue_size(cfg: ml_collections.ConfigDict, *, batch_size: int, mu: int) -> int:
-    """K = queue_batch·(mu+1)·B: a multiple of the B+Bu rows written per step (§5.6)."""
+    """K = queue_batch·(mu+1)·B: a multiple of the B+Bu rows written per step
+    (docs/method.md#memory-bank)."""
     return cfg.queue_batch * (mu + 1) * batch_size
 
 
@@ -49,7 +51,7 @@ def comatch_terms(
     iteration: jax.Array,
     cfg: ml_collections.ConfigDict,
 ) -> dict[str, Any]:
-    """The shared CoMatch step (§5.2–§5.9): losses, intermediates and the new state.
+    """The shared CoMatch step (docs/method.md#comatch): losses, intermediates and the new state.
 
     Returns a dict with ``loss_x``, ``loss_u``, ``loss_c`` (scalars), ``probs_da``, ``probs``,
     ``mask``, ``guess``, ``Q``, ``pos_mask``, ``sim_probs``, ``smoothing_applied``, the strong
@@ -65,14 +67,16 @@ def comatch_terms(
 
     loss_x = jnp.mean(losses.cross_entropy(logits=logits_x, labels=labels_x))
 
-    # §5.3–§5.7 are bookkeeping on constants: no gradient reaches u_w or x (§5.10).
+    # Alignment, smoothing, mask, bank and graph (docs/method.md#comatch) work on constants: no
+    # gradient reaches u_w or x (docs/method.md#total-loss).
     feats_w = jax.lax.stop_gradient(feats_w)
     feats_x = jax.lax.stop_gradient(feats_x)
     probs = jax.nn.softmax(jax.lax.stop_gradient(logits_w), axis=1)
     probs_da, prob_hist, prob_hist_len = losses.distribution_alignment(
         probs=probs, history=state["prob_hist"], history_len=state["prob_hist_len"]
     )
-    # §5.4 / Q4: `iteration` restarts every epoch, so smoothing is always on after epoch 0.
+    # docs/method.md#memory-smoothing / docs/method.md#q4-smoothing-start: `iteration` restarts
+    # every epoch, so smoothing is always on after epoch 0.
     smoothing_applied = jnp.logical_or(epoch > 0, iteration > cfg.queue_batch)
     smoothed = losses.memory_smoothing(
         probs=probs_da,
@@ -87,7 +91,7 @@ def comatch_terms(
     guess = jnp.argmax(probs, axis=1).astype(jnp.int32)
     mask = (scores >= cfg.threshold).astype(jnp.float32)
 
-    # §5.6: the bank sees this step's rows only from the next step on.
+    # docs/method.md#memory-bank: the bank sees this step's rows only from the next step on.
     ptr = state["queue_ptr"]
     new_feats = jnp.concatenate([feats_w, feats_x], axis=0)
     new_probs = jnp.concatenate([probs_da, jax.nn.one_hot(labels_x, num_classes)], axis=0)
@@ -147,7 +151,8 @@ ExtraTerm = Callable[
 
 
 def _ccssl_extra(terms, cfg, platform):
-    """CoMatch+CCSSL (§7.3): ``λccssl·L_ccssl`` on (zs0, zs1) with smoothed confidences."""
+    """CoMatch+CCSSL (docs/method.md#ccssl-on-comatch): ``λccssl·L_ccssl`` on (zs0, zs1) with
+    smoothed confidences."""
     loss_ccssl = ccssl.ccssl_term(
         view0=terms["feats_s0"],
         view1=terms["feats_s1"],
@@ -159,7 +164,8 @@ def _ccssl_extra(terms, cfg, platform):
 
 
 def _triplet_extra(terms, cfg, platform):
-    """CoMatch+Triplet (§6): ``λdml·L_dml`` on zs0 with the unmasked hard guesses (Q13).
+    """CoMatch+Triplet (docs/method.md#triplet-loss): ``λdml·L_dml`` on zs0 with the unmasked hard
+    guesses (docs/method.md#q13-unmasked-triplet-labels).
 
     The miner's anchor blocking is chosen for the platform the step is built for.
     """

@@ -1,4 +1,4 @@
-"""FixMatch and FixMatch+CCSSL (ALGORITHMS.md §7.4): hard pseudo-labels from the weak view."""
+"""FixMatch and FixMatch+CCSSL (docs/method.md#fixmatch): hard pseudo-labels from the weak view."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Supervised baseline (ALGORITHMS.md §7.4): cross entropy on the labelled batch only."""
+"""Supervised baseline (docs/method.md#supervised-baseline): cross entropy on the labelled batch
+only."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The four training views and the test view as pure JAX, run inside the jitted train step.
 
 Same pipelines, probabilities and magnitude tables as the PIL host version
-(`augment_host.py`, ALGORITHMS.md §2.4-§2.5), on uint8 images gathered from a dataset cached
+(`augment_host.py`, docs/method.md#augmentation), on uint8 images gathered from a dataset cached
 on the device. Images keep the aspect rule (shorter side 64, e.g. 64x66), so the cache is a
 padded (N, Hmax, Wmax, 3) uint8 array plus each image's true (height, width); flips, centre
 crops and random resized crops use the true frame.

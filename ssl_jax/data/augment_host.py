@@ -1,4 +1,5 @@
-"""The four training views and the test view on the host, with PIL (ALGORITHMS.md §2.4, §2.5).
+"""The four training views and the test view on the host, with PIL (docs/method.md#augmentation,
+docs/method.md#streams).
 
 PIL is the ground truth: the reference pipelines are torchvision transforms on PIL images, and
 the device implementation (`augment_device.py`) is tested against these functions. Every op

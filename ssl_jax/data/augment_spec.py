@@ -1,4 +1,5 @@
-"""What the augmentations are, whichever backend runs them (ALGORITHMS.md §2.4, §2.5).
+"""What the augmentations are, whichever backend runs them (docs/method.md#augmentation,
+docs/method.md#streams).
 
 The host (PIL, `augment_host.py`) and device (JAX, `augment_device.py` and the modules it
 uses) implementations share this: the RandAugment op registry and its magnitude table, the
@@ -54,7 +55,8 @@ def _int_parameter(v: int, max_v: float) -> int:
 
 
 def op_parameter(name: str, v: int, sign: int = 1, width: int = 60, height: int = 60):
-    """The magnitude table of §2.4: the parameter op `name` gets for magnitude v (1..9).
+    """The magnitude table of docs/method.md#randaugment: the parameter op `name` gets for magnitude
+    v (1..9).
 
     Written with the reference's own arithmetic (v * max / 10 + bias, int() truncation), so
     float rounding matches it; `sign` (+1/-1) only affects the signed ops.
@@ -84,7 +86,8 @@ class AugmentParams:
 
     crop_size: int = CROP_SIZE  # side of every training and test view
     randaugment_n: int = 2  # RandAugmentMC(n, m) of the u_s0 view, with a cutout of
-    randaugment_m: int = 10  # nominal size `cutout` (drawn (cutout+1)^2, ALGORITHMS.md Q12)
+    # nominal size `cutout` (drawn (cutout+1)^2, docs/method.md#q12-cutout-size)
+    randaugment_m: int = 10
     cutout: int = 16
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Colour ops in pure JAX that match PIL bit for bit (ALGORITHMS.md §2.4, §2.5).
+"""Colour ops in pure JAX that match PIL bit for bit (docs/method.md#augmentation,
+docs/method.md#streams).
 
 Grayscale ("L"), the enhancers (brightness, colour, contrast, sharpness: float32 blends with
 PIL's two roundings, see `_blend`), RGB<->HSV with PIL's 8-bit hue, and ColorJitter. Where PIL

@@ -1,4 +1,4 @@
-"""RandAugmentMC (ALGORITHMS.md §2.4) in pure JAX: its 14 ops, matching PIL bit for bit.
+"""RandAugmentMC (docs/method.md#augmentation) in pure JAX: its 14 ops, matching PIL bit for bit.
 
 The op names, their order and magnitude table are `augment_spec`'s (shared with the host);
 this module implements every op under its name (the enhancers come from `device_colour`).

@@ -1,4 +1,4 @@
-"""ToTensor + Normalize (ALGORITHMS.md §2.4), done on the device inside the jitted step.
+"""ToTensor + Normalize (docs/method.md#augmentation), done on the device inside the jitted step.
 
 Host and device augmentation both hand uint8 (or 0..255 float) HWC views to the step, so the
 bytes crossing the host-device boundary are four times fewer and the arithmetic is exact.

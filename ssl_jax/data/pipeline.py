@@ -1,4 +1,4 @@
-"""The per-step training batch (ALGORITHMS.md §2.3) as a grain pipeline, and the test batches.
+"""The per-step training batch (docs/method.md#batches) as a grain pipeline, and the test batches.
 
 Two sample streams run side by side: the labelled stream draws batch B from the labelled set,
 the unlabelled stream batch mu*B from the unlabelled set; each walks a fresh seeded permutation
@@ -15,13 +15,28 @@ pipeline is just `range(start_step, total_steps)` mapped through `BatchMaker`, w
 resumed run (from `start_step` or from a grain iterator state) bit-identical to an
 uninterrupted one, and multiprocess prefetch (each worker takes every W-th step) identical to
 in-process. Every view is cropped to `config.data.crop_size`.
+
+Worker processes (`config.data.workers` != 0) end with the training process, however it ends:
+each watches its parent through the pipe multiprocessing gives it and exits when the parent is
+gone (SIGKILL of the parent alone included); it ignores SIGINT and SIGTERM sent to the whole
+process group, so the parent decides when to stop (a SIGTERM handler can finish its step and
+checkpoint first). Once the workers are gone, multiprocessing's resource tracker unlinks any
+shared-memory block still registered. At a normal exit, open iterators are closed and grain's
+pending shared-memory deletions drained before multiprocessing shuts down, so no
+"leaked shared_memory objects" warning appears.
 """
 
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
+import signal
+import threading
+import time
+import weakref
 from collections.abc import Iterator, Sequence
+from multiprocessing import util as mp_util
 
 import grain
 import numpy as np
@@ -136,6 +151,97 @@ def _ensure_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _exit_when_parent_ends(parent_pid: int, worker_index: int, worker_count: int) -> None:
+    """grain `worker_init_fn`: the worker ends when the training process ends, however it ends.
+
+    Not `prctl(PR_SET_PDEATHSIG)`: that fires when the *thread* that started the worker exits,
+    and grain starts its workers from a prefetch thread that ends on `close()` (before the
+    worker is asked to stop, so it would die mid-batch and leak shared memory) and on
+    `set_state()` (killing workers that are still needed). The pipe multiprocessing keeps from
+    the parent *process* to each spawned child closes only when the parent process exits (or
+    drops the worker), so a watcher thread blocked on it ends the worker at once, for SIGKILL of
+    the parent alone too.
+    """
+    del worker_index, worker_count
+    # A group-wide SIGINT/SIGTERM (Ctrl-C, a scheduler's preemption) is the parent's to handle.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid == parent_pid:
+        if not parent.is_alive():
+            os._exit(0)
+        wait = parent.join
+    else:  # not started by multiprocessing's spawn: poll the parent pid instead
+
+        def wait():
+            while os.getppid() == parent_pid:
+                time.sleep(0.2)
+
+    def exit_after_parent():
+        wait()
+        os._exit(0)
+
+    threading.Thread(target=exit_after_parent, name="exit-with-parent", daemon=True).start()
+
+
+_open_iterators: weakref.WeakSet = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _drain_shared_memory_deletions(timeout: float = 10.0) -> None:
+    """Waits for grain's background unlinking of freed shared-memory batches (a 1-thread pool)."""
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:  # another grain layout: nothing to drain
+        return
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is None:
+        return
+    try:
+        pool.apply_async(int).wait(timeout)  # FIFO: done once every earlier unlink is done
+    except ValueError:  # the pool has been terminated
+        pass
+
+
+def _close_open_iterators() -> None:
+    """At exit, before multiprocessing stops grain's deletion pool (exit priority 15).
+
+    Closes the iterators, frees the batches nothing can use any more (those in reference
+    cycles, and those held by the frames of an uncaught exception, whose traceback has already
+    been printed), waits for their unlinking, and unlinks the names of any batch still alive
+    (its memory stays mapped until exit).
+    """
+    import gc
+    import sys
+
+    for iterator in list(_open_iterators):
+        iterator.close()
+    sys.last_type = sys.last_value = sys.last_traceback = None
+    if hasattr(sys, "last_exc"):
+        sys.last_exc = None
+    gc.collect()
+    _drain_shared_memory_deletions()
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, SharedMemoryArray) and getattr(obj, "_unlink_on_del", False):
+            obj._unlink_on_del = False
+            try:
+                obj.shm.unlink()
+            except (AttributeError, OSError):
+                pass
+
+
+def _register_for_exit(iterator) -> None:
+    global _exit_hook_registered
+    _open_iterators.add(iterator)
+    if not _exit_hook_registered:
+        mp_util.Finalize(None, _close_open_iterators, exitpriority=100)
+        _exit_hook_registered = True
+
+
 def num_workers(setting: int) -> int:
     """`config.data.workers`: -1 = one per CPU core, 0 = in-process."""
     return (os.cpu_count() or 1) if setting == -1 else int(setting)
@@ -155,6 +261,7 @@ def train_iterator(
     `start_step` as the saved run and calling `set_state` with the saved grain state (grain's
     position is counted from `start_step`). Both give the batches an uninterrupted run would.
     `mode="indices"` makes the same batches without images (for device augmentation).
+    Call `close()` when done to stop the worker processes (done at exit otherwise).
     """
     maker = BatchMaker(
         data.labelled,
@@ -170,20 +277,22 @@ def train_iterator(
     if not 0 <= start_step <= total_steps:
         raise ValueError(f"start_step {start_step} outside [0, total_steps={total_steps}]")
     workers = num_workers(config.data.workers) if mode == "host" else 0
-    # With worker processes the stream runs a few batches past total_steps (never consumed):
-    # grain's multiprocess prefetch leaks its shared-memory blocks when workers reach the end.
-    end = total_steps + (2 * workers + 2 if workers > 0 else 0)
-    dataset = grain.MapDataset.range(start_step, end).map(maker)
+    # Ends at total_steps with workers too: the blocks a worker leaves when it reaches the end
+    # are freed by garbage collection, which `_close_open_iterators` runs before exit.
+    dataset = grain.MapDataset.range(start_step, total_steps).map(maker)
     if workers > 0:
         _ensure_flags_parsed()
         # Each worker makes every W-th batch, one at a time, a couple of batches ahead.
         iter_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
         iter_ds = iter_ds.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+            worker_init_fn=functools.partial(_exit_when_parent_ends, os.getpid()),
         )
-    else:
-        # One background thread prepares the next batch while the train step runs.
-        iter_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+        iterator = iter(iter_ds)
+        _register_for_exit(iterator)
+        return iterator
+    # One background thread prepares the next batch while the train step runs.
+    iter_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     return iter(iter_ds)
 
 

@@ -1,8 +1,10 @@
-"""The labelled/unlabelled protocols of ALGORITHMS.md §2.2 and `load_dataset`, which runs it all.
+"""The labelled/unlabelled protocols of docs/method.md#protocols and `load_dataset`, which runs it
+all.
 
 `config.data.protocol`:
-  k_per_class  (default; the paper's intent, Q1/Q2) labelled = `labels_per_class` images of each
-               class drawn from the train split (class by class with a generator seeded by
+  k_per_class  (default; the paper's intent, docs/method.md#q1-labelled-set-size,
+               docs/method.md#q2-unlabelled-pool) labelled = `labels_per_class` images of each class
+               drawn from the train split (class by class with a generator seeded by
                `config.seed`, then shuffled); unlabelled = the whole train split, the labelled
                images included.
   seed_code    what the reference code did: labelled = the whole train split (50 %), unlabelled =
@@ -282,7 +284,8 @@ def apply_protocol(pool: ImagePool, data_cfg, *, seed: int) -> tuple[ImageSet, I
 
 
 def draw_k_per_class(labels, k: int, class_names, seed: int) -> np.ndarray:
-    """k indices per class without replacement (class 0 first), then shuffled (§2.2)."""
+    """k indices per class without replacement (class 0 first), then shuffled
+    (docs/method.md#protocols)."""
     if k <= 0:
         raise DataError(f"config.data.labels_per_class must be >= 1, got {k}.")
     labels = np.asarray(labels)

@@ -1,7 +1,7 @@
 """The training views by name, and every random stream id of the input pipeline, in one place.
 
 A training step sees the labelled view ``x`` and up to three views of one unlabelled batch
-(ALGORITHMS.md §2.4): ``u_w`` (weak), ``u_s0`` (strong, RandAugment) and ``u_s1`` (strong,
+(docs/method.md#augmentation): ``u_w`` (weak), ``u_s0`` (strong, RandAugment) and ``u_s1`` (strong,
 colour jitter). The algorithms name the views they forward (``Algorithm.unlabelled_views``),
 the host pipeline (`pipeline.py`, `augment_host.py`) and the device pipeline (`on_device.py`,
 `augment_device.py`) make them; all of them use the names declared here.
@@ -25,7 +25,7 @@ STRONG1 = "u_s1"
 class View:
     name: str
     pool: str  # the set it is drawn from: "labelled" or "unlabelled"
-    recipe: str  # the torchvision pipeline it reproduces (ALGORITHMS.md §2.4)
+    recipe: str  # the torchvision pipeline it reproduces (docs/method.md#augmentation)
     host_stream: int  # host: example j at step k uses default_rng([seed, host_stream, k, j])
     device_stream: int  # device: the view's key is fold_in(step key, device_stream)
 

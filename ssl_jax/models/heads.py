@@ -1,4 +1,4 @@
-"""Classifier and projection heads shared by the backbones (ALGORITHMS.md §3)."""
+"""Classifier and projection heads shared by the backbones (docs/method.md#models)."""
 
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +29,7 @@ def torch_linear(features: int, fan_in: int, **kwargs: Any) -> nn.Dense:
     """`nn.Dense` initialised as PyTorch's nn.Linear: weight and bias U(-1/sqrt(fan_in), ..).
 
     The bias bound depends on fan_in, which `nn.Dense`'s bias_init never sees, so the
-    initialisers are bound here (the ResNets' heads, §3.1).
+    initialisers are bound here (the ResNets' heads, docs/method.md#resnet).
     """
     limit = 1.0 / fan_in**0.5
     return nn.Dense(
@@ -38,7 +38,8 @@ def torch_linear(features: int, fan_in: int, **kwargs: Any) -> nn.Dense:
 
 
 def xavier_linear(features: int, fan_in: int, **kwargs: Any) -> nn.Dense:
-    """`nn.Dense` with PyTorch's xavier_normal_ weight (untruncated) and zero bias (WRN, §3.2)."""
+    """`nn.Dense` with PyTorch's xavier_normal_ weight (untruncated) and zero bias (WRN,
+    docs/method.md#wrn-28-2)."""
     del fan_in  # the initialiser reads both fans from the kernel shape
     return nn.Dense(
         features,

@@ -7,7 +7,7 @@ formulations (ssl_jax/models/cpu_conv.py) are such functions; `ssl_jax.models.ge
 injects them only into models built for the CPU platform, so that a model built for a GPU
 or TPU holds nothing but lax convolutions and `max_pool`, whatever machine traces it.
 
-Padding is always explicit and symmetric (PyTorch semantics, ALGORITHMS.md §3), never "SAME".
+Padding is always explicit and symmetric (PyTorch semantics, docs/method.md#models), never "SAME".
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""ResNet-18/50 with the ImageNet stem, as the paper's toolbox builds them (ALGORITHMS.md §3.1).
+"""ResNet-18/50 with the ImageNet stem, as the paper's toolbox builds them (docs/method.md#resnet).
 
 Post-activation (v1) blocks, a 7x7/2 stem conv and a 3x3/2 max-pool even at 60 px input,
 explicit symmetric padding, BN momentum 0.1 (PyTorch convention; flax's 0.9) and eps 1e-5.
-Module names follow the weight-decay contract of §4.1: the BN of a downsample shortcut is
+Module names follow the weight-decay contract of docs/method.md#sgd-and-weight-decay: the BN of a
+downsample shortcut is
 ``downsample_bn`` (its scale is decayed), every other BN is ``bn*`` / ``stem_bn``.
 """
 

@@ -1,9 +1,10 @@
-"""WideResNet-28-2, the pre-activation network of the FixMatch ports (ALGORITHMS.md §3.2).
+"""WideResNet-28-2, the pre-activation network of the FixMatch ports (docs/method.md#wrn-28-2).
 
 LeakyReLU(0.1) everywhere, BN momentum 0.001 (PyTorch convention; flax's 0.999), eps 1e-5.
-Reproduces quirk Q9: the first block of groups 2 and 3 computes BN1 + activation of its input
-and then ignores them, so those BN layers exist (parameters and running statistics) and their
-running statistics are updated in training, but they receive no gradient.
+Reproduces quirk docs/method.md#q9-wrn-dead-batchnorm: the first block of groups 2 and 3 computes
+BN1 + activation of its input and then ignores them, so those BN layers exist (parameters and
+running statistics) and their running statistics are updated in training, but they receive no
+gradient.
 """
 
 from functools import partial
@@ -29,7 +30,8 @@ def leaky_relu(x: Array) -> Array:
 
 
 class WideBasicBlock(nn.Module):
-    """Pre-activation block; the three input cases of §3.2 (same width, first, dead BN1)."""
+    """Pre-activation block; the three input cases of docs/method.md#wrn-28-2 (same width, first,
+    dead BN1)."""
 
     features: int
     strides: int
@@ -45,7 +47,8 @@ class WideBasicBlock(nn.Module):
             x = activated if not same_width else x
             conv1_input = activated
         else:
-            # Q9: BN1/activation computed above (running stats update) but unused.
+            # docs/method.md#q9-wrn-dead-batchnorm: BN1/activation computed above (running stats
+            # update) but unused.
             conv1_input = x
         y = self.conv(self.features, 3, self.strides, 1, name="conv1")(conv1_input)
         y = leaky_relu(self.norm(name="bn2")(y))
