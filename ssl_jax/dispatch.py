@@ -16,6 +16,12 @@ refused naming the values to change. K = 0 (the default) resolves to the largest
 all four that is at most `AUTO_MAX_STEPS_PER_DISPATCH[where]`: 64 with on-device augmentation
 (a block is a few kB of indices), 8 with host augmentation (a block holds K augmented
 batches in host and device memory).
+
+Several seeds in one program (`config.num_seeds` = N > 1, see `ssl_jax.train`): the train
+state, the metric sums and each step's batch carry a leading seed axis, and the per-step body
+(the step plus its metric sums) is `jax.vmap`-ed over it inside the one scan, so one jitted
+program trains all N; a block is then (K, N, ...) and `shard_block(..., seeds=True)` splits
+its batch axis (axis 2) over the mesh.
 """
 
 from __future__ import annotations
@@ -79,6 +85,14 @@ def read_metric_sums(sums: MetricSums) -> dict[str, float]:
     return {name: float(average.compute()) for name, average in host.items()}
 
 
+def read_metric_sums_per_seed(sums: MetricSums) -> list[dict[str, float]]:
+    """Each seed's interval means from sums with a leading seed axis, in one transfer."""
+    host = jax.device_get(sums)
+    means = {name: np.asarray(average.total) / np.asarray(average.count) for name, average in host.items()}
+    num_seeds = len(next(iter(means.values()))) if means else 0
+    return [{name: float(value[i]) for name, value in means.items()} for i in range(num_seeds)]
+
+
 # ------------------------------------------------------------------------------ the program
 
 
@@ -88,24 +102,35 @@ def make_multi_step(
     log_every: int,
     mesh: Mesh | None = None,
     jit: bool = True,
+    seed_axes=None,
 ) -> Callable:
     """program(state, block, device_data) -> state after len(block) steps (state donated).
 
     `step_fn(state, batch, device_data) -> (state, metrics)` is the one generic train step;
     `block` is a batch dict whose arrays carry a leading axis of K steps. The state must hold
     `metric_sums` (see `empty_metric_sums`) for the metrics the step returns.
+
+    `seed_axes` (None: one seed) trains several seeds at once: the state and each step's
+    batch carry a leading seed axis (a block is (K, N, ...)), and `seed_axes` is the vmap
+    `in_axes` of `device_data` (0 for entries held per seed, None for shared ones).
     """
+
+    def one_step(state, batch, device_data):
+        starts_interval = state.step % log_every == 0
+        sums = jax.tree.map(
+            lambda empty, total: jnp.where(starts_interval, empty, total),
+            empty_metric_sums(state.metric_sums),
+            state.metric_sums,
+        )
+        new_state, metrics = step_fn(state, batch, device_data)
+        return new_state.replace(metric_sums=add_metrics(sums, metrics))
+
+    if seed_axes is not None:
+        one_step = jax.vmap(one_step, in_axes=(0, 0, seed_axes))
 
     def program(state, block, device_data):
         def body(state, batch):
-            starts_interval = state.step % log_every == 0
-            sums = jax.tree.map(
-                lambda empty, total: jnp.where(starts_interval, empty, total),
-                empty_metric_sums(state.metric_sums),
-                state.metric_sums,
-            )
-            new_state, metrics = step_fn(state, batch, device_data)
-            return new_state.replace(metric_sums=add_metrics(sums, metrics)), None
+            return one_step(state, batch, device_data), None
 
         state, _ = jax.lax.scan(body, state, block)
         return state
@@ -127,16 +152,21 @@ def metric_names(step_fn: Callable, state, batch, device_data) -> list[str]:
 # ------------------------------------------------------------------------------- the input
 
 
-def shard_block(block: Mapping[str, np.ndarray], mesh: Mesh):
-    """Sends a block to the devices, each step's batch split over the mesh's data axis."""
+def shard_block(block: Mapping[str, np.ndarray], mesh: Mesh, *, seeds: bool = False):
+    """Sends a block to the devices, each step's batch split over the mesh's data axis.
+
+    `seeds`: the block is (K, N seeds, batch, ...); the batch axis (2) is the one split.
+    """
     n = mesh.devices.size
+    axis = 2 if seeds else 1
     for key, value in block.items():
-        if np.shape(value)[1] % n:
+        if np.shape(value)[axis] % n:
             raise ValueError(
-                f"Batch entry {key!r} has {np.shape(value)[1]} rows, not divisible by the {n} "
+                f"Batch entry {key!r} has {np.shape(value)[axis]} rows, not divisible by the {n} "
                 f"devices; choose data.batch_size divisible by {n}."
             )
-    return jax.device_put(dict(block), NamedSharding(mesh, PartitionSpec(None, "data")))
+    spec = PartitionSpec(None, None, "data") if seeds else PartitionSpec(None, "data")
+    return jax.device_put(dict(block), NamedSharding(mesh, spec))
 
 
 def stack_steps(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

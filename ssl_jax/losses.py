@@ -318,8 +318,8 @@ def semihard_triplet_loss_from_similarity(
     ``sum(S * (kept_per_an - kept_per_ap)) / N``, added as ``x - stop_gradient(x)`` (zero in
     value).
 
-    ``method`` chooses how the counts are found (both give the same counts exactly, and the
-    same loss up to float32 summation order):
+    ``method`` chooses how the counts are found (both give the same counts and gradient
+    exactly, and the same loss to float32 rounding):
       * "dense": every (anchor, positive, negative) candidate, O(B^3) time; anchors go through
         it ``anchor_block`` at a time (any block gives the same result; None: chosen by
         `default_triplet_anchor_block`), so memory is O(block * B^2).
@@ -478,9 +478,9 @@ def _sorted_triplet_terms(
     dense miner's. Two binary searches run: the mined range's start, and the first S_an >= S_aj
     for every j (for a positive j the ties' start and the mined range's end, for a negative j
     its rank); the other edges lie at most a few distinct values past these
-    (`_skip_to_true`). A kept range's loss sum,
-    ``sum(S_an) - count * (S_ap - margin)``, comes from prefix sums of the sorted similarities
-    in double-float (the difference cancels up to ~B-fold in float32). Per-negative kept
+    (`_skip_to_true`). A kept range's loss sum, ``sum(S_an) - count * (S_ap - margin)``, comes
+    from prefix sums of the sorted similarities in double-float (the difference cancels up to
+    ~B-fold in float32). Per-negative kept
     counts: +1 at each kept range's start and -1 at its end in sorted order, a cumulative sum,
     then read at each negative's rank.
     """

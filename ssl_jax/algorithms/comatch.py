@@ -167,7 +167,8 @@ def _triplet_extra(terms, cfg, platform):
     """CoMatch+Triplet (docs/method.md#triplet-loss): ``λdml·L_dml`` on zs0 with the unmasked hard
     guesses (docs/method.md#q13-unmasked-triplet-labels).
 
-    The miner's anchor blocking is chosen for the platform the step is built for.
+    The miner is chosen by batch size (`losses.triplet_method`); when that is the dense one
+    (small batches), its anchor blocking is chosen for the platform the step is built for.
     """
     guess = terms["guess"]
     loss_dml, stats = losses.semihard_triplet_loss(
