@@ -117,5 +117,10 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
     )
 
 
+def _exit_zero_main(argv) -> None:
+    """absl's app.run exits with main's return value: a result dict would exit 1."""
+    main(argv)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags_with_usage)
+    app.run(_exit_zero_main, flags_parser=_parse_flags_with_usage)

@@ -3,6 +3,7 @@
     python benchmarks/loop_throughput.py --steps-per-dispatch 64        # CoMatch+Triplet, B32 mu7
     python benchmarks/loop_throughput.py --width 0.0625 --batch 8 --mu 2 --steps-per-dispatch 64
     python benchmarks/loop_throughput.py --augment host --workers -1    # grain feeds the loop
+    python benchmarks/loop_throughput.py --seeds 4 --width 0.0625 --batch 8 --mu 2  # 4 seeds
 
 Synthetic uint8 images. With `--augment device` (the default) they sit on the device and the
 loop hands the K-step program one block of sample indices per dispatch; with `--augment host`
@@ -14,10 +15,16 @@ Each round times, one after the other in alternating order:
 Medians over --rounds rounds, after --warmup steps (compilation excluded). The last line is
 one JSON object: ms_per_step_loop, ms_per_step_program and host_ms_per_step (their
 difference: what the loop adds per step on the host), with the device and versions.
+
+`--seeds N` (N > 1, device augmentation) trains N seeds in one program (`config.num_seeds`)
+and also times the one-seed loop of the same shapes: `img_per_s_loop` counts the images of all
+seeds, and `speedup_vs_sequential` = N x (one-seed ms/step) / (N-seed ms/step), above 1 where
+one program beats running the seeds one after another.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -26,11 +33,12 @@ import tempfile
 import time
 
 import jax
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks import step_throughput  # noqa: E402
-from ssl_jax import devices, dispatch, metric_writers, train, xla_cpu  # noqa: E402
+from ssl_jax import devices, metric_writers, train, xla_cpu  # noqa: E402
 from ssl_jax.data.synthetic import synthetic_dataset  # noqa: E402
 
 
@@ -39,6 +47,7 @@ def build_parser():
     p.set_defaults(augment="device", steps=64, warmup=64)
     p.add_argument("--steps-per-dispatch", type=int, default=64, help="K (must divide --steps)")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=1, help="seeds trained in one program")
     return p
 
 
@@ -59,7 +68,14 @@ def make_config(args):
         1, -(-total // args.steps)
     )
     config.train.total_steps = config.train.steps_per_epoch
+    if args.seeds > 1 and args.augment != "device":
+        raise SystemExit("--seeds > 1 trains in one program with --augment device only.")
+    config.num_seeds = args.seeds
     return config
+
+
+def _step_of(state) -> int:
+    return int(np.asarray(state.step).reshape(-1)[0])  # one step for every seed
 
 
 def run(args) -> dict:
@@ -90,7 +106,7 @@ def run(args) -> dict:
                 meta={},
                 workdir=workdir,
                 evaluate=False,
-                stop_step=int(state.step) + steps,
+                stop_step=_step_of(state) + steps,
             )
         finally:
             sys.stdout = stdout
@@ -101,7 +117,7 @@ def run(args) -> dict:
     compile_s = time.perf_counter() - compile_start
     if args.warmup > k:
         state = loop(state, args.warmup - k)
-    fixed = dispatch.shard_block(source.next_block(), training.mesh)
+    fixed = training.shard(source.next_block())
 
     def program(state, steps):
         for _ in range(steps // k):
@@ -119,9 +135,10 @@ def run(args) -> dict:
     writer.close()
     source.close()
     loop_med, program_med = statistics.median(loop_ms), statistics.median(program_ms)
-    images = train.train_state.images_per_step(config, training.setup.algorithm)
+    images = train.train_state.images_per_step(config, training.setup.algorithm) * args.seeds
     return {
         "benchmark": "loop_throughput",
+        "seeds": args.seeds,
         "steps_per_dispatch": k,
         "ms_per_step_loop": round(loop_med, 4),
         "ms_per_step_program": round(program_med, 4),
@@ -147,7 +164,15 @@ def run(args) -> dict:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     xla_cpu.prefer_eigen_convolutions()  # the CPU convolution library launch.py uses
-    print(json.dumps(run(args)), flush=True)
+    result = run(args)
+    if args.seeds > 1:
+        single = run(argparse.Namespace(**{**vars(args), "seeds": 1}))
+        result["ms_per_step_loop_one_seed"] = single["ms_per_step_loop"]
+        result["img_per_s_loop_one_seed"] = single["img_per_s_loop"]
+        result["speedup_vs_sequential"] = round(
+            args.seeds * single["ms_per_step_loop"] / result["ms_per_step_loop"], 3
+        )
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

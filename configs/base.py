@@ -50,6 +50,13 @@ def default_data_root(subfolder: str) -> str:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # N > 1 trains seeds seed ... seed+N-1 together in one jitted program (the train state
+    # vmapped over a leading seed axis; needs augment.where=device). Each seed is the run it
+    # would be alone (own init, labelled draw, data order, augmentation keys); all share the
+    # train/test split and unlabelled pool, which for seeded splits (data.split_lists="") is
+    # the split of config.seed. Each seed's files go to <workdir>/seed_<s>/; one checkpoint
+    # holds the stacked state. Measure the gain: benchmarks/loop_throughput.py --seeds N.
+    config.num_seeds = 1
     # float32 | bf16: bf16 computes the network in bfloat16; parameters, optimizer state,
     # BatchNorm statistics, softmaxes, the memory bank and all loss math stay float32.
     config.precision = "float32"
@@ -185,6 +192,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.predict = pred = ml_collections.ConfigDict()
     pred.input = ""  # an image file or a folder of images
     pred.output = ""  # "" = <workdir>/predictions.csv
+    # Which seed of a num_seeds > 1 run predicts: -1 = the best by EMA top-1 at the checkpoint.
+    pred.seed = -1
 
     return apply_arg(config, arg)
 

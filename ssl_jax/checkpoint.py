@@ -371,8 +371,10 @@ class Checkpointer:
             if _is_resource_error(err):
                 raise
             raise _Damaged from err
-        if int(restored["state"].step) != step:
-            raise _Damaged from ValueError(f"it holds state.step={int(restored['state'].step)}")
+        # Several seeds trained together: state.step carries a seed axis, all equal.
+        steps = np.unique(np.asarray(restored["state"].step))
+        if steps.tolist() != [step]:
+            raise _Damaged from ValueError(f"it holds state.step={steps.tolist()}")
         return restored["state"], dict(restored["meta"])
 
     def _move_damaged(self, step: int, step_dir: str, err: BaseException) -> None:

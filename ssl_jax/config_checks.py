@@ -334,6 +334,7 @@ RULES: dict[str, Rule] = {
     "eval.after_training": boolean,
     "predict.input": string(),
     "predict.output": string(),
+    "predict.seed": integer(-1, note=" (-1 = the best seed by EMA top-1)"),
 }
 
 

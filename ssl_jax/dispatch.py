@@ -88,7 +88,10 @@ def read_metric_sums(sums: MetricSums) -> dict[str, float]:
 def read_metric_sums_per_seed(sums: MetricSums) -> list[dict[str, float]]:
     """Each seed's interval means from sums with a leading seed axis, in one transfer."""
     host = jax.device_get(sums)
-    means = {name: np.asarray(average.total) / np.asarray(average.count) for name, average in host.items()}
+    means = {
+        name: np.asarray(average.total) / np.asarray(average.count)
+        for name, average in host.items()
+    }
     num_seeds = len(next(iter(means.values()))) if means else 0
     return [{name: float(value[i]) for name, value in means.items()} for i in range(num_seeds)]
 

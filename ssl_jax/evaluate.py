@@ -8,6 +8,11 @@ online weights, under "online"): top-1/top-5, per-class accuracy by class name, 
 accuracy, macro precision/recall/F1 (all in percent), Cohen's kappa (in [-1, 1]), the number of
 test images, the checkpoint step, the protocol and split hash, and the retrieval metrics of
 `ssl_jax.retrieval` on the 64-d test embeddings (models with a projection head only).
+
+A several-seed run (`config.num_seeds` > 1) is evaluated seed by seed: each seed's files go to
+`<workdir>/seed_<s>/eval/<step>/`, and `<workdir>/eval/<step>/metrics.json` holds `per_seed`
+(each seed's headline numbers), `top1_mean` and `top1_std` (sample standard deviation).
+`--mode predict` uses one seed: `--config.predict.seed`, or by default the best by EMA top-1.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import os
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -75,11 +81,38 @@ def resolve_config(
 # ------------------------------------------------------------------------------- restoring
 
 
+def num_seeds(config: ml_collections.ConfigDict) -> int:
+    return int(config.get("num_seeds", 1))
+
+
+def seed_dir(workdir: str, seed: int) -> str:
+    """Where seed `seed`'s files of a several-seed run are (`ssl_jax.train.seed_dir`)."""
+    return os.path.join(workdir, f"seed_{seed}")
+
+
+def split_path(workdir: str, config: ml_collections.ConfigDict) -> str:
+    """The split.json of `config.seed` (in its seed folder for a several-seed run)."""
+    if num_seeds(config) > 1:
+        return os.path.join(seed_dir(workdir, int(config.seed)), "split.json")
+    return os.path.join(workdir, "split.json")
+
+
+def seed_variables(variables, index: int):
+    """Seed number `index` (0-based) of variables restored with a leading seed axis."""
+    return {name: _take(tree, index) for name, tree in variables.items()}
+
+
+def _take(tree, index):
+    if isinstance(tree, dict):
+        return {k: _take(v, index) for k, v in tree.items()}
+    return np.asarray(tree)[index]
+
+
 def saved_class_names(workdir: str, config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """Class names in label order: the config's list, else those the data layer recorded."""
     if config.data.classes:
         return tuple(config.data.classes)
-    path = os.path.join(workdir, "split.json")
+    path = split_path(workdir, config)
     if not os.path.exists(path):
         raise checkpoint_lib.CheckpointError(
             f"{path} not found and config.data.classes is empty, so the class names of "
@@ -101,11 +134,17 @@ def _describe_model(config, num_classes: int, projection: bool) -> str:
 def restore_model(
     workdir: str, config: ml_collections.ConfigDict, *, which=None, online: bool = False
 ):
-    """(model, variables, step, meta) for the chosen checkpoint of `workdir`."""
+    """(model, variables, step, meta) for the chosen checkpoint of `workdir`.
+
+    Several seeds: the variables carry a leading seed axis (`seed_variables` picks one).
+    """
     algorithm = get_algorithm(config.algorithm.name)
     num_classes = len(saved_class_names(workdir, config))
     model = train_state.build_model(config, num_classes, algorithm)
     abstract = train_state.abstract_variables(model, config)
+    if num_seeds(config) > 1:  # the checkpoint holds every seed, stacked on a leading axis
+        n = num_seeds(config)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), abstract)
     checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
     try:
         step = checkpointer.select_step(config.eval.step if which is None else which)
@@ -199,14 +238,14 @@ def _load_test_data(workdir: str, config: ml_collections.ConfigDict):
     """The run's data, without rewriting its split.json; warns when the split has changed."""
     data = data_lib.load_dataset(config, workdir=workdir, write_split=False)
     warnings = []
-    split_path = os.path.join(workdir, "split.json")
-    if os.path.exists(split_path):
-        with open(split_path) as f:
+    path = split_path(workdir, config)
+    if os.path.exists(path):
+        with open(path) as f:
             trained_hash = json.load(f).get("split_hash")
         if trained_hash and trained_hash != data.split_hash:
             warnings.append(
                 f"The split now read (hash {data.split_hash}) differs from the one the run "
-                f"trained on (hash {trained_hash}, {split_path}): the data root, its files or "
+                f"trained on (hash {trained_hash}, {path}): the data root, its files or "
                 "the split lists changed, so these numbers are not the run's test numbers."
             )
     return data, warnings
@@ -228,12 +267,81 @@ def evaluate_workdir(
         )
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+    online_variables = None
+    if config.eval.online:
+        _, online_variables, _, _ = restore_model(workdir, config, which=step, online=True)
+    if num_seeds(config) == 1:
+        return _evaluate_variables(
+            workdir, workdir, config, model, variables, online_variables, step, meta, data,
+            warnings, class_names,
+        )  # fmt: skip
+    seeds = [int(config.seed) + i for i in range(num_seeds(config))]
+    per_seed = {}
+    for i, seed in enumerate(seeds):
+        seed_meta = {
+            **meta.get("seeds", {}).get(str(seed), {}),
+            "train_seconds": meta.get("train_seconds"),
+        }
+        seed_meta = {k: v for k, v in seed_meta.items() if v is not None}
+        result = _evaluate_variables(
+            workdir,
+            seed_dir(workdir, seed),
+            config,
+            model,
+            seed_variables(variables, i),
+            None if online_variables is None else seed_variables(online_variables, i),
+            step,
+            seed_meta,
+            data,
+            warnings,
+            class_names,
+            seed=seed,
+        )
+        print(f"[seed {seed}] step {step}: EMA top-1 {result['top1']:.2f}", flush=True)
+        per_seed[str(seed)] = {
+            k: result[k]
+            for k in ("top1", "top5", "balanced_accuracy", "macro_f1", "cohen_kappa", "output_dir")
+        }
+    top1 = [r["top1"] for r in per_seed.values()]
+    summary = {
+        "step": int(step),
+        "weights": "ema",
+        "num_seeds": len(seeds),
+        "seeds": seeds,
+        "protocol": data.protocol,
+        "algorithm": config.algorithm.name,
+        "model": config.model.name,
+        "dataset": config.data.name,
+        "per_seed": per_seed,
+        "top1_mean": float(np.mean(top1)),
+        "top1_std": float(np.std(top1, ddof=1)),
+        "top5_mean": float(np.mean([r["top5"] for r in per_seed.values()])),
+    }
+    if warnings:
+        summary["warnings"] = warnings
+    out_dir = os.path.join(workdir, "eval", str(step))
+    os.makedirs(out_dir, exist_ok=True)
+    summary["output_dir"] = out_dir
+    files.atomic_write_json(summary, os.path.join(out_dir, "metrics.json"))
+    print(
+        f"step {step}: EMA top-1 {summary['top1_mean']:.2f} ± {summary['top1_std']:.2f} over "
+        f"seeds {seeds[0]}-{seeds[-1]}",
+        flush=True,
+    )
+    return summary
 
+
+def _evaluate_variables(
+    workdir, out_root, config, model, variables, online_variables, step, meta, data, warnings,
+    class_names, *, seed=None,
+) -> dict:  # fmt: skip
+    """Metrics, predictions and figures of one set of weights in `<out_root>/eval/<step>/`."""
     arrays = _predict_test(model, variables, data, config)
     result, cm = classification_metrics(arrays["logits"], arrays["labels"], class_names)
     result = {
         "step": int(step),
         "weights": "ema",
+        **({} if seed is None else {"seed": int(seed)}),
         "protocol": data.protocol,
         "split_hash": data.split_hash,
         "algorithm": config.algorithm.name,
@@ -247,8 +355,7 @@ def evaluate_workdir(
     }
     if warnings:
         result["warnings"] = warnings
-    if config.eval.online:
-        _, online_variables, _, _ = restore_model(workdir, config, which=step, online=True)
+    if online_variables is not None:
         online_arrays = _predict_test(model, online_variables, data, config)
         online, _ = classification_metrics(
             online_arrays["logits"], online_arrays["labels"], class_names
@@ -256,7 +363,7 @@ def evaluate_workdir(
         online["embedding_metrics"] = embedding_metrics(online_arrays, config.algorithm.name)
         result["online"] = online
 
-    out_dir = os.path.join(workdir, "eval", str(step))
+    out_dir = os.path.join(out_root, "eval", str(step))
     os.makedirs(out_dir, exist_ok=True)
     per_image = {  # saved beside both the logits and the embeddings
         "labels": arrays["labels"],
@@ -276,7 +383,7 @@ def evaluate_workdir(
         )
     figures_lib.write_confusion_csv(cm, class_names, os.path.join(out_dir, "confusion_matrix.csv"))
     result["figures"] = (
-        draw_figures(workdir, out_dir, config, cm, class_names, arrays, step)
+        draw_figures(out_root, out_dir, config, cm, class_names, arrays, step)
         if config.eval.figures
         else []
     )
@@ -403,7 +510,12 @@ def predict_workdir(
     files = find_images(source)
     class_names = saved_class_names(workdir, config)
     views = load_prediction_images(files, int(config.data.image_size), int(config.data.crop_size))
-    model, variables, step, _ = restore_model(workdir, config)
+    model, variables, step, meta = restore_model(workdir, config)
+    chosen = None
+    if num_seeds(config) > 1:
+        chosen = choose_seed(config, meta)
+        print(chosen["why"], flush=True)
+        variables = seed_variables(variables, chosen["seed"] - int(config.seed))
     probabilities = inference.predict_probabilities(
         model, variables, views, config.data.eval_batch_size
     )
@@ -435,9 +547,47 @@ def predict_workdir(
         "step": int(step),
         "input": source,
     }
+    if chosen is not None:
+        summary["seed"] = chosen["seed"]
+        summary["seed_choice"] = chosen["why"]
     if known:
         # Images inside a folder named after a class: how often the prediction agrees with it.
         summary["num_in_class_folders"] = known
         summary["folder_class_accuracy"] = float(100.0 * correct / known)
     print(f"Wrote {len(files)} predictions to {summary['output']}.", flush=True)
     return summary
+
+
+def choose_seed(config: ml_collections.ConfigDict, meta: dict) -> dict:
+    """{"seed", "why"}: `config.predict.seed`, or (-1, the default) the seed whose EMA top-1 at
+    the checkpoint's last evaluation is the highest (the lowest seed among equals)."""
+    seeds = [int(config.seed) + i for i in range(num_seeds(config))]
+    requested = int(config.predict.get("seed", -1))
+    if requested >= 0:
+        if requested not in seeds:
+            raise checkpoint_lib.CheckpointError(
+                f"config.predict.seed={requested} is not a seed of this run (seeds "
+                f"{seeds[0]}-{seeds[-1]}); choose one of them or -1 for the best."
+            )
+        return {
+            "seed": requested,
+            "why": f"Predicting with seed {requested} (config.predict.seed).",
+        }
+    top1 = {}
+    for seed in seeds:
+        history = meta.get("seeds", {}).get(str(seed), {}).get("eval_top1_history", [])
+        if history:
+            top1[seed] = float(history[-1])
+    if not top1:
+        return {
+            "seed": seeds[0],
+            "why": f"Predicting with seed {seeds[0]}: the checkpoint holds no evaluation to "
+            "choose by (set --config.predict.seed to choose).",
+        }
+    best = max(top1, key=lambda s: (top1[s], -s))
+    listed = ", ".join(f"seed {s}: {v:.2f}" for s, v in top1.items())
+    return {
+        "seed": best,
+        "why": f"Predicting with seed {best}, the best by EMA top-1 at this checkpoint ({listed}); "
+        "--config.predict.seed=S chooses another.",
+    }

@@ -111,15 +111,19 @@ class Progress:
             "eta_s": eta_s,
         }
 
-    def line(self, step: int, values: Mapping[str, float], timing: Mapping[str, float]) -> None:
+    def line(
+        self, step: int, values: Mapping[str, float], timing: Mapping[str, float], label: str = ""
+    ) -> None:
+        """One progress line; `label` (e.g. "seed 3") prefixes it."""
         eta = timing["eta_s"]
         shown = " ".join(
             f"{k}={float(values[k]):.4f}"
             for k in ("loss", "loss_x", "loss_u", "loss_c", "loss_dml", "loss_ccssl", "mask_prob")
             if k in values
         )
+        prefix = f"{label} " if label else ""
         print(
-            f"[step {step}/{self.total_steps}] {shown} lr={float(values.get('lr', 0)):.5f} "
+            f"[{prefix}step {step}/{self.total_steps}] {shown} lr={float(values.get('lr', 0)):.5f} "
             f"{timing['img_per_s']:.0f} img/s ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
             f"{int(eta % 60):02d}s",
             file=self.stream,

@@ -35,7 +35,9 @@ TRAINERS = {
 }
 MODELS = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "wrn28_2": "WRN-28-2"}
 # Config keys that do not make two runs different experiments.
-NOT_EXPERIMENT_KEYS = ("seed",) + checkpoint_lib.RESUMABLE_CHANGES
+# A several-seed run (`num_seeds` > 1) contributes one run per seed, grouped with the same
+# experiment's separate runs.
+NOT_EXPERIMENT_KEYS = ("seed", "num_seeds") + checkpoint_lib.RESUMABLE_CHANGES
 NUMBERS = ("top1", "best_top1", "mean_top1_last", "train_seconds")
 
 
@@ -91,21 +93,40 @@ def _train_seconds(workdir: str) -> float | None:
         checkpointer.close()
 
 
-def summarize_run(workdir: str) -> dict:
-    """One run's table entries, from config.json, metrics.jsonl and the latest checkpoint.
-
-    Keys an older config.json lacks read as their configs/base.py defaults.
-    """
-    workdir = os.path.abspath(workdir)
+def _load_config(workdir: str) -> dict:
     try:
-        config = json.loads(checkpoint_lib.load_saved_config(workdir).to_json())
+        return json.loads(checkpoint_lib.load_saved_config(workdir).to_json())
     except checkpoint_lib.CheckpointError as e:
         raise ReportError(str(e)) from None
-    records = metric_writers.read_metrics(workdir)
+
+
+def summarize_workdir(workdir: str) -> list[dict]:
+    """The runs of a workdir: one, or one per seed of a several-seed run (`summarize_run`).
+
+    The seeds of a several-seed run share its training time (they trained together).
+    """
+    workdir = os.path.abspath(workdir)
+    config = _load_config(workdir)
+    n = int(config.get("num_seeds", 1))
+    if n == 1:
+        return [summarize_run(workdir)]
+    return [summarize_run(workdir, seed=int(config["seed"]) + i, config=config) for i in range(n)]
+
+
+def summarize_run(workdir: str, *, seed: int | None = None, config: dict | None = None) -> dict:
+    """One run's table entries, from config.json, metrics.jsonl and the latest checkpoint.
+
+    Keys an older config.json lacks read as their configs/base.py defaults. `seed`: that seed
+    of a several-seed run (its metrics are in `<workdir>/seed_<seed>/`).
+    """
+    workdir = os.path.abspath(workdir)
+    config = _load_config(workdir) if config is None else config
+    metrics_dir = workdir if seed is None else os.path.join(workdir, f"seed_{seed}")
+    records = metric_writers.read_metrics(metrics_dir)
     evals = [r for r in records if r.get("kind") == "eval"]
     if not evals:
         raise ReportError(
-            f"{workdir} has no evaluation in metrics.jsonl yet (one is written after every "
+            f"{metrics_dir} has no evaluation in metrics.jsonl yet (one is written after every "
             "epoch); train longer or leave it out."
         )
     top1 = [float(r["top1"]) for r in evals]
@@ -113,9 +134,9 @@ def summarize_run(workdir: str) -> dict:
     peaks = [r["peak_device_memory_bytes"] for r in evals if r.get("peak_device_memory_bytes")]
     seconds = _train_seconds(workdir)
     return {
-        "workdir": workdir,
+        "workdir": workdir if seed is None else metrics_dir,
         "key": experiment_key(config),
-        "seed": config["seed"],
+        "seed": config["seed"] if seed is None else seed,
         "trainer": trainer_name(config),
         "dataset": config["data"]["name"],
         "mu": config["data"]["mu"],
@@ -271,7 +292,7 @@ def write_csv(rows: Sequence[dict], path: str) -> None:
 
 
 def build_report(workdirs: Sequence[str]) -> tuple[list[dict], str]:
-    runs = [summarize_run(w) for w in workdirs]
+    runs = [run for w in workdirs for run in summarize_workdir(w)]
     rows = group_runs(runs)
     return rows, markdown_table(rows)
 

@@ -7,11 +7,20 @@ applies SGD and the EMA. It is jitted once with the state donated; the per-step 
 (device augmentation) is ``fold_in(state.rng, step)``, so a resumed run is bit-identical.
 The state and its construction are in `ssl_jax.train_state`, inference in `ssl_jax.inference`,
 the mesh and sharding in `ssl_jax.devices`.
+
+Several seeds in one program (`config.num_seeds` = N > 1, on-device augmentation only): seeds
+`config.seed ... config.seed + N - 1` train together, every leaf of the train state carrying a
+leading seed axis, the step vmapped over it inside the one K-step program
+(`dispatch.make_multi_step(..., seed_axes=...)`). Each seed is the run it would be alone: its
+own initialisation (`PRNGKey(seed)`), labelled draw, data order and augmentation keys, on the
+train/test split of `config.seed` (`seed_data`). Each seed's metrics.jsonl, split.json,
+embeddings and evaluations sit in `<workdir>/seed_<s>/`; one checkpoint holds the stacked state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
@@ -21,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,9 +55,10 @@ from ssl_jax import (
 )
 from ssl_jax import data as data_lib
 from ssl_jax.algorithms.base import Algorithm
-from ssl_jax.data import protocols
+from ssl_jax.data import on_device, protocols
 from ssl_jax.data.normalize import to_network_input
 from ssl_jax.data.protocols import write_split_json
+from ssl_jax.data.sources import ImagePool
 from ssl_jax.workdir_lock import WorkdirLock
 
 
@@ -180,6 +191,75 @@ def _param_count(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
+# ------------------------------------------------------------------------------ the seeds
+
+
+def seeds_of(config: ml_collections.ConfigDict) -> list[int]:
+    """The seeds a run trains: config.seed ... config.seed + num_seeds - 1."""
+    first = int(config.seed)
+    return list(range(first, first + int(config.get("num_seeds", 1))))
+
+
+def seed_dir(workdir: str, seed: int) -> str:
+    """Where seed `seed`'s files of a several-seed run go."""
+    return os.path.join(workdir, f"seed_{seed}")
+
+
+def config_for_seed(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    """The config of the one-seed run that seed `seed` of `config` is."""
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.seed = int(seed)
+        config.num_seeds = 1
+    return config
+
+
+def seed_data(data, config: ml_collections.ConfigDict, seed: int):
+    """Seed `seed`'s data: its own labelled draw (`config.data.protocol`) on `data`'s split.
+
+    `data` is the data of `config.seed`; the train/test split and the unlabelled pool are
+    kept, so every seed of a run shares them (with seeded splits, `split_lists=""`, that is the
+    split of `config.seed`). Data of another protocol (synthetic benchmark data) is shared.
+    """
+    if seed == int(config.seed) or data.protocol not in protocols.PROTOCOLS:
+        return data
+    whole = bool(config.data.get("unlabelled_whole_folder", False))
+    pool = ImagePool(
+        class_names=data.class_names,
+        train=data.train,
+        test=data.test,
+        everything=data.unlabelled if whole else None,
+        info={},
+    )
+    labelled, unlabelled = protocols.apply_protocol(pool, config.data, seed=seed)
+    if tuple(unlabelled.files) != tuple(data.unlabelled.files):
+        raise ValueError(
+            f"Seed {seed}'s unlabelled pool differs from seed {config.seed}'s; several seeds in "
+            "one program share one unlabelled pool and test set."
+        )
+    unlabelled = data.unlabelled  # the same images: held once
+    split_hash = protocols.compute_split_hash(
+        data.class_names, data.train, data.test, labelled, unlabelled
+    )
+    return dataclasses.replace(
+        data,
+        labelled=labelled,
+        unlabelled=unlabelled,
+        split_hash=split_hash,
+        info={**data.info, "seed": int(seed)},
+    )
+
+
+def stack_seeds(trees):
+    """One tree with a leading seed axis from one tree per seed."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def seed_slice(tree, index: int):
+    """Seed number `index` (0-based) of a tree with a leading seed axis."""
+    return jax.tree.map(lambda x: x[index], tree)
+
+
 @dataclasses.dataclass
 class Training:
     """One run's compiled pieces: what the loop dispatches and how its input is made."""
@@ -193,20 +273,50 @@ class Training:
     program: Callable  # (state, block, device_data) -> state after K steps, state donated
     device_data: Any  # the device-resident uint8 pools (on-device augmentation) or None
     metric_names: list[str]
+    seeds: list[int] = dataclasses.field(default_factory=list)  # [config.seed] for one seed
+    seed_datas: list = dataclasses.field(default_factory=list)  # each seed's data (seed_data)
+
+    @property
+    def num_seeds(self) -> int:
+        return max(1, len(self.seeds))
+
+    def _index_maker(self, data, seed: int):
+        return data_lib.BatchMaker(
+            data.labelled,
+            data.unlabelled,
+            seed=int(seed),
+            batch_size=int(self.config.data.batch_size),
+            mu=int(self.config.data.mu),
+            views=self.setup.algorithm.unlabelled_views,
+            mode="indices",
+        )
+
+    def shard(self, block):
+        """A block on the devices (`dispatch.shard_block`, with the seed axis if there is one)."""
+        if self.num_seeds > 1:
+            return dispatch.shard_block(block, self.mesh, seeds=True)
+        return dispatch.shard_block(block, self.mesh)
 
     def block_source(self, start_step: int) -> dispatch.BlockSource:
-        """Blocks of K steps from `start_step`: index blocks, or K grain host batches."""
+        """Blocks of K steps from `start_step`: index blocks, or K grain host batches.
+
+        Several seeds: each step's index batches of all seeds, stacked on axis 1 of the block.
+        """
         views = self.setup.algorithm.unlabelled_views
-        if self.where == "device":
-            maker = data_lib.BatchMaker(
-                self.data.labelled,
-                self.data.unlabelled,
-                seed=int(self.config.seed),
-                batch_size=int(self.config.data.batch_size),
-                mu=int(self.config.data.mu),
-                views=views,
-                mode="indices",
+        if self.where == "device" and self.num_seeds > 1:
+            pairs = zip(self.seed_datas, self.seeds, strict=True)
+            makers = [self._index_maker(d, s) for d, s in pairs]
+
+            def make_batch(step):
+                return dispatch.stack_steps([maker(step) for maker in makers])
+
+            return dispatch.BlockSource(
+                steps_per_dispatch=self.steps_per_dispatch,
+                start_step=start_step,
+                make_batch=make_batch,
             )
+        if self.where == "device":
+            maker = self._index_maker(self.data, int(self.config.seed))
             return dispatch.BlockSource(
                 steps_per_dispatch=self.steps_per_dispatch, start_step=start_step, make_batch=maker
             )
@@ -238,12 +348,29 @@ def prepare_training(config: ml_collections.ConfigDict, data, *, platform: str |
     and the losses are built for.
     """
     platform = platform or xla_cpu.default_platform()
+    where = resolve_augment_where(config)
+    seeds = seeds_of(config)
+    if len(seeds) > 1 and where != "device":
+        raise ValueError(
+            f"config.num_seeds={len(seeds)} trains the seeds together in one program, which "
+            "needs augmentation on the device: add --config.augment.where=device (on a CPU "
+            "the default 'auto' means host), or train the seeds as separate runs."
+        )
     setup = train_state.setup(config, len(data.class_names), platform=platform)
     algorithm = setup.algorithm
-    where = resolve_augment_where(config)
     k = dispatch.resolve_steps_per_dispatch(config.train, where)
-    device_data, augment_fn = None, None
-    if where == "device":
+    seed_datas = [data] if len(seeds) == 1 else [seed_data(data, config, s) for s in seeds]
+    device_data, augment_fn, seed_axes = None, None, None
+    if where == "device" and len(seeds) > 1:
+        augment_fn = on_device.make_augment_fn(config, algorithm.unlabelled_views)
+        device_data, seed_axes = on_device.device_cache_seeds(seed_datas), on_device.SEED_AXES
+        one_seed_data = {  # one seed's shapes, for the step's abstract evaluation below
+            "labelled": jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), device_data["labelled"]
+            ),
+            "unlabelled": device_data["unlabelled"],
+        }
+    elif where == "device":
         device_data, augment_fn = data_lib.device_augment_views(
             data, config, algorithm.unlabelled_views
         )
@@ -256,15 +383,32 @@ def prepare_training(config: ml_collections.ConfigDict, data, *, platform: str |
         where=where,
         steps_per_dispatch=k,
         mesh=mesh,
-        program=dispatch.make_multi_step(step_fn, log_every=config.train.log_every, mesh=mesh),
+        program=dispatch.make_multi_step(
+            step_fn, log_every=config.train.log_every, mesh=mesh, seed_axes=seed_axes
+        ),
         device_data=None if device_data is None else devices.replicate(device_data, mesh),
         metric_names=[],
+        seeds=seeds,
+        seed_datas=seed_datas,
     )
     training.metric_names = dispatch.metric_names(
-        step_fn, setup.state, _step_spec(training), device_data
+        step_fn,
+        setup.state,
+        _step_spec(training),
+        device_data if len(seeds) == 1 else one_seed_data,
     )
     empty = dispatch.empty_metric_sums(training.metric_names)
-    training.setup = setup._replace(state=setup.state.replace(metric_sums=empty))
+    state = setup.state.replace(metric_sums=empty)
+    if len(seeds) > 1:
+        num_classes = len(data.class_names)
+        states = [state] + [
+            train_state.create_train_state(
+                config_for_seed(config, s), setup.model, algorithm, setup.tx, num_classes
+            ).replace(metric_sums=empty)
+            for s in seeds[1:]
+        ]
+        state = stack_seeds(states)
+    training.setup = setup._replace(state=state)
     return training
 
 
@@ -312,22 +456,33 @@ def _train(config, workdir, data, stop) -> dict:
     if data is None:
         data = data_lib.load_dataset(config, workdir=workdir, write_split=False)
     training = prepare_training(config, data)
+    several = training.num_seeds > 1
     manager = checkpoint_lib.Checkpointer(workdir, config)
     try:
         state, meta = manager.restore_or_keep(training.setup.state)
     except BaseException:
         _close_quietly(manager)
         raise
-    start_step = int(state.step)
-    if meta.get("split_hash", data.split_hash) != data.split_hash:
+    start_step = int(state.step if not several else state.step[0])
+    hashes = [d.split_hash for d in training.seed_datas] if several else None
+    if meta.get("split_hash", data.split_hash) != data.split_hash or (
+        several and meta.get("split_hashes", hashes) != hashes
+    ):
         manager.close()
         raise checkpoint_lib.CheckpointError(
             f"The data changed since {workdir} was checkpointed: split hash "
-            f"{meta['split_hash']} then, {data.split_hash} now (see split.json). Resuming would "
-            "train on different images; restore the data or use a new --workdir."
+            f"{meta.get('split_hashes', meta['split_hash'])} then, {hashes or data.split_hash} "
+            "now (see split.json). Resuming would train on different images; restore the data "
+            "or use a new --workdir."
         )
     meta["split_hash"] = data.split_hash
-    write_split_json(data, os.path.join(workdir, "split.json"))
+    if several:
+        meta["split_hashes"] = hashes
+        for seed, seed_data_ in zip(training.seeds, training.seed_datas, strict=True):
+            os.makedirs(seed_dir(workdir, seed), exist_ok=True)
+            write_split_json(seed_data_, os.path.join(seed_dir(workdir, seed), "split.json"))
+    else:
+        write_split_json(data, os.path.join(workdir, "split.json"))
     if start_step >= config.train.total_steps:
         logging.info(
             "Nothing to do: the checkpoint is at step %d of %d.",
@@ -338,13 +493,21 @@ def _train(config, workdir, data, stop) -> dict:
         return meta
 
     state = devices.replicate(state, training.mesh)
-    writer = metric_writers.MetricWriter(workdir, start_step=start_step)
+    if several:
+        writers = [
+            metric_writers.MetricWriter(seed_dir(workdir, s), start_step=start_step)
+            for s in training.seeds
+        ]
+    else:
+        writers = [metric_writers.MetricWriter(workdir, start_step=start_step)]
     if start_step == 0:
-        writer.write("run", 0, _run_record(training, state))
+        for i, writer in enumerate(writers):
+            writer.write("run", 0, _run_record(training, state, i))
     else:
         print(f"Resuming from step {start_step} ({workdir}).", flush=True)
     if changes:
-        writer.write("resume_changes", start_step, {"changes": changes})
+        for writer in writers:
+            writer.write("resume_changes", start_step, {"changes": changes})
         print(f"Resuming with changed settings: {changes}", flush=True)
     source = training.block_source(start_step)
     try:
@@ -353,17 +516,19 @@ def _train(config, workdir, data, stop) -> dict:
             state,
             source,
             manager=manager,
-            writer=writer,
+            writer=writers if several else writers[0],
             meta=meta,
             workdir=workdir,
             stop=stop,
         )
     except BaseException:
-        writer.close()
+        for writer in writers:
+            writer.close()
         source.close()
         _close_quietly(manager)  # the error in flight is the one to report
         raise
-    writer.close()
+    for writer in writers:
+        writer.close()
     source.close()  # stops grain worker processes and frees their shared memory
     manager.close()  # waits for the last save; raises if it failed
     return meta
@@ -376,20 +541,25 @@ def _close_quietly(manager) -> None:
         print(f"While stopping: {err}", file=sys.stderr, flush=True)
 
 
-def _run_record(training: Training, state) -> dict:
-    data = training.data
-    return {
+def _run_record(training: Training, state, index: int = 0) -> dict:
+    """The "run" row of seed number `index` (0-based) of the run."""
+    several = training.num_seeds > 1
+    data = training.seed_datas[index] if several else training.data
+    record = {
         "protocol": data.protocol,
         "split_hash": data.split_hash,
         "num_labelled": len(data.labelled.labels),
         "num_unlabelled": len(data.unlabelled.labels),
         "num_test": len(data.test.labels),
-        "num_params": _param_count(state.params),
+        "num_params": _param_count(seed_slice(state.params, 0) if several else state.params),
         "augment_where": training.where,
         "steps_per_dispatch": training.steps_per_dispatch,
         "device": str(jax.devices()[0]),
         "jax_version": jax.__version__,
     }
+    if several:
+        record.update(seed=training.seeds[index], num_seeds=training.num_seeds)
+    return record
 
 
 def run_loop(
@@ -411,11 +581,24 @@ def run_loop(
     The host's per-dispatch work: make the next block (while the device runs the current
     one) and, at boundaries only, read the metric sums. `benchmarks/loop_throughput.py` times
     this function itself (no `manager`: no checkpoints; `evaluate=False`: no evaluation).
+    Several seeds: `writer` is one MetricWriter per seed (or one for all); each seed's
+    evaluation history is `meta["seeds"][str(seed)]`, and the checkpoint's EMA top-1 is the
+    mean over the seeds.
     """
     config, t = training.config, training.config.train
     k = training.steps_per_dispatch
-    start_step = int(state.step)
-    per_step = train_state.images_per_step(config, training.setup.algorithm)
+    several = training.num_seeds > 1
+    seeds = training.seeds if several else [int(config.seed)]
+    writers = list(writer) if isinstance(writer, list | tuple) else [writer] * len(seeds)
+    if several:
+        per_seed = meta.setdefault("seeds", {})
+        metas = [per_seed.setdefault(str(s), {}) for s in seeds]
+        datas = training.seed_datas
+        workdirs = [seed_dir(workdir, s) for s in seeds]
+    else:
+        metas, datas, workdirs = [meta], [training.data], [workdir]
+    start_step = int(state.step[0] if several else state.step)
+    per_step = train_state.images_per_step(config, training.setup.algorithm) * len(seeds)
     progress = metric_writers.Progress(t.total_steps, per_step, start_step)
     num_epochs = math.ceil(t.total_steps / t.steps_per_epoch)
     interval_start = start_step - start_step % t.log_every + 1
@@ -424,20 +607,14 @@ def run_loop(
     evaluate_epoch = functools.partial(
         _evaluate_epoch,
         model=training.setup.model,
-        data=training.data,
         config=config,
-        writer=writer,
-        meta=meta,
-        workdir=workdir,
         embed_epochs=_embeddings_epochs(config, num_epochs),
     )
     lr_schedule = jax.jit(training.setup.lr_schedule)  # eager optax: ~20 ms on a CPU
     end = t.total_steps if stop_step is None else int(stop_step)
     block = source.next_block()
     for first in range(start_step, end, k):
-        state = training.program(
-            state, dispatch.shard_block(block, training.mesh), training.device_data
-        )
+        state = training.program(state, training.shard(block), training.device_data)
         done = first + k
         if done < end:
             block = source.next_block()  # made on the host while the device runs
@@ -445,17 +622,50 @@ def run_loop(
             manager.check_saves()
         saved = False
         if done % t.log_every == 0 or done == t.total_steps:
-            values = dispatch.read_metric_sums(state.metric_sums)
-            _check_finite(values, interval_start, done, writer, manager)
+            if several:
+                all_values = dispatch.read_metric_sums_per_seed(state.metric_sums)
+            else:
+                all_values = [dispatch.read_metric_sums(state.metric_sums)]
+            _check_finite_seeds(
+                all_values, seeds if several else None, interval_start, done, writers, manager
+            )
             # The lr of the interval's last update, from the schedule inside the optimizer.
-            values["lr"] = float(lr_schedule(done - 1))
+            lr = float(lr_schedule(done - 1))
             timing = progress.tick(done)
-            values.update(timing)
-            writer.write("train", done, values)
-            progress.line(done, values, timing)
+            for i, values in enumerate(all_values):
+                values["lr"] = lr
+                values.update(timing)
+                writers[i].write("train", done, values)
+                progress.line(done, values, timing, label=f"seed {seeds[i]}" if several else "")
             interval_start = done + 1
         epoch_end = done % t.steps_per_epoch == 0 or done == t.total_steps
-        top1 = evaluate_epoch(state, done) if epoch_end and evaluate else None
+        top1 = None
+        if epoch_end and evaluate:
+            top1s = []
+            for i in range(len(seeds)):
+                ema = (
+                    state
+                    if not several
+                    else types.SimpleNamespace(
+                        ema_params=seed_slice(state.ema_params, i),
+                        ema_batch_stats=seed_slice(state.ema_batch_stats, i),
+                    )
+                )
+                top1s.append(
+                    evaluate_epoch(
+                        ema,
+                        done,
+                        data=datas[i],
+                        writer=writers[i],
+                        meta=metas[i],
+                        workdir=workdirs[i],
+                        label=f"seed {seeds[i]} " if several else "",
+                    )
+                )
+            top1 = float(np.mean(top1s)) if several else top1s[0]
+            if several:  # the run's numbers: means over the seeds
+                for key in ("best_top1", "mean_top1_last"):
+                    meta[key] = float(np.mean([m[key] for m in metas]))
         preempted = stop is not None and stop.is_set()
         if manager is not None and (epoch_end or done % t.checkpoint_every == 0 or preempted):
             meta["train_seconds"] = elapsed_before + time.perf_counter() - run_start
@@ -496,17 +706,38 @@ def _stop_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
+WATCHED = ("loss", "param_norm", "ema_param_norm")  # what the NaN guard checks
+
+
 def _check_finite(values, first_step, last_step, writer, manager) -> None:
     """The NaN guard: stops the run before a non-finite state can be checkpointed.
 
     Checks the loss and the online and EMA parameters; says which checkpoint is the last
     good one (or that there is none) and how to continue from it with a lower learning rate.
     """
-    watched = ("loss", "param_norm", "ema_param_norm")
-    if all(math.isfinite(values[key]) for key in watched if key in values):
+    _check_finite_seeds([values], None, first_step, last_step, [writer], manager)
+
+
+def _check_finite_seeds(all_values, seeds, first_step, last_step, writers, manager) -> None:
+    """The NaN guard over every seed's values (`seeds` None: one seed); names the bad seeds."""
+    bad = [
+        i
+        for i, values in enumerate(all_values)
+        if not all(math.isfinite(values[key]) for key in WATCHED if key in values)
+    ]
+    if not bad:
         return
-    writer.write("train", last_step, values)
-    found = ", ".join(f"{key}={values[key]}" for key in watched if key in values)
+    for i in bad:
+        writers[i].write("train", last_step, all_values[i])
+    found = "; ".join(
+        (f"seed {seeds[i]}: " if seeds else "")
+        + ", ".join(f"{key}={all_values[i][key]}" for key in WATCHED if key in all_values[i])
+        for i in bad
+    )
+    where = ""
+    if seeds:
+        named = ", ".join(str(seeds[i]) for i in bad)
+        where = f" in seed{'s' if len(bad) > 1 else ''} {named} (of seeds {seeds[0]}-{seeds[-1]})"
     last = None if manager is None else manager.latest_step()
     if last is None:
         advice = (
@@ -521,11 +752,13 @@ def _check_finite(values, first_step, last_step, writer, manager) -> None:
             "the change is recorded in metrics.jsonl and config.json."
         )
     raise NonFiniteLossError(
-        f"Non-finite values between steps {first_step} and {last_step} ({found}). {advice}"
+        f"Non-finite values{where} between steps {first_step} and {last_step} ({found}). {advice}"
     )
 
 
-def _evaluate_epoch(state, done, *, model, data, config, writer, meta, workdir, embed_epochs):
+def _evaluate_epoch(
+    state, done, *, model, data, config, writer, meta, workdir, embed_epochs, label=""
+):
     """EMA evaluation at an epoch end (docs/method.md#evaluation): logs top-1/5, best and mean of
     the last N."""
     t = config.train
@@ -550,7 +783,7 @@ def _evaluate_epoch(state, done, *, model, data, config, writer, meta, workdir, 
         record["peak_device_memory_bytes"] = peak
     writer.write("eval", done, record)
     print(
-        f"[epoch {epoch}] EMA top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  best "
+        f"[{label}epoch {epoch}] EMA top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  best "
         f"{meta['best_top1']:.2f}  mean(last {t.mean_of_last}) {meta['mean_top1_last']:.2f}",
         flush=True,
     )

@@ -1,8 +1,11 @@
 """Shared test fixtures: where the real data lives, and a small CPU-friendly environment."""
 
+import contextlib
+import dataclasses
 import importlib
 import os
 import pathlib
+import shutil
 
 import pytest
 
@@ -83,6 +86,12 @@ def _data_env():
     yield
 
 
+@pytest.fixture(scope="session")
+def decoded_cache(tmp_path_factory, shared_data) -> str:
+    """One decoded-image cache (`config.data.cache_dir`) for every tiny real-data run."""
+    return str(tmp_path_factory.mktemp("decoded_cache"))
+
+
 def tiny_run_config(name, cache_dir, **train_overrides):
     """``configs/<name>.py:smoke`` cut to 8 steps: the one tiny real-data run of the tests.
 
@@ -99,3 +108,117 @@ def tiny_run_config(name, cache_dir, **train_overrides):
     for key, value in train_overrides.items():
         config.train[key] = value
     return config
+
+
+@dataclasses.dataclass
+class TinyRun:
+    """A finished tiny run that several tests read; `copy_to` before changing anything in it."""
+
+    workdir: pathlib.Path
+    config: object  # the ml_collections config it was trained with (copy before editing)
+    meta: dict  # what train_and_evaluate returned
+    programs: list  # every jitted K-step program the loop built (dispatch.make_multi_step)
+
+    def copy_to(self, dest) -> pathlib.Path:
+        shutil.copytree(self.workdir, dest)
+        return pathlib.Path(dest)
+
+    def fresh_config(self):
+        return self.config.copy_and_resolve_references()
+
+
+class TinyRuns:
+    """`tiny_run_config` runs trained once per session and shared by every test that reads them.
+
+    Compiling dominates a tiny CPU run, and several test files read the same tiny run
+    (train, evaluate, report, dispatch), so each distinct run is trained once.
+    """
+
+    def __init__(self, root: pathlib.Path, cache_dir: str):
+        self.root, self.cache_dir, self._runs = root, cache_dir, {}
+
+    def get(self, name: str, *, seed: int = 0, **train_overrides) -> TinyRun:
+        key = (name, seed, tuple(sorted(train_overrides.items())))
+        if key not in self._runs:
+            from ssl_jax import dispatch, train
+
+            config = tiny_run_config(name, self.cache_dir, **train_overrides)
+            config.seed = seed
+            workdir = self.root / f"run{len(self._runs)}_{name}_seed{seed}"
+            made = []
+            make_multi_step = dispatch.make_multi_step
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(
+                    dispatch,
+                    "make_multi_step",
+                    lambda *a, **k: made.append(make_multi_step(*a, **k)) or made[-1],
+                )
+                meta = train.train_and_evaluate(config.copy_and_resolve_references(), workdir)
+            self._runs[key] = TinyRun(workdir, config, meta, made)
+        return self._runs[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, decoded_cache) -> TinyRuns:
+    return TinyRuns(tmp_path_factory.mktemp("tiny_runs"), decoded_cache)
+
+
+@pytest.fixture(scope="session")
+def supervised_run(tiny_runs) -> TinyRun:
+    """The tiny supervised run (seed 0): test_train, test_report."""
+    return tiny_runs.get("ucm10_supervised")
+
+
+@pytest.fixture(scope="session")
+def triplet_run(tiny_runs) -> TinyRun:
+    """The tiny CoMatch+Triplet run, saving embeddings: test_train, test_evaluate, test_dispatch."""
+    return tiny_runs.get("ucm10_triplet", save_embeddings_epochs=(1, -1))
+
+
+DISABLE_MOST_OPTIMIZATIONS = "jax_disable_most_optimizations"
+
+
+@contextlib.contextmanager
+def less_optimized_compiles():
+    """Programs compiled inside are built with XLA's optimisations mostly off (several times
+    faster to compile; compiling dominates the tests' tiny CPU programs).
+
+    Only for tests of behaviour (shapes, what is logged, raised, written or resumed, and
+    numbers compared with programs also built inside), never where numbers are compared
+    with a program built without it or with fixtures. The setting is part of the
+    compilation cache's key, and in-memory executables are dropped on the way in and out,
+    so nothing built inside is served outside, nor the other way round.
+    """
+    import jax
+
+    from ssl_jax import inference
+    from ssl_jax.models import cpu_conv
+
+    def forget_compiled():  # memoised jitted functions keep their executables in memory
+        inference.make_eval_step.cache_clear()
+        jax.clear_caches()
+
+    cpu_conv.xla_cpu_conv_library()  # memoised probe of the optimised build: read it first
+    previous = jax.config.read(DISABLE_MOST_OPTIMIZATIONS)
+    forget_compiled()
+    jax.config.update(DISABLE_MOST_OPTIMIZATIONS, True)
+    try:
+        yield
+    finally:
+        jax.config.update(DISABLE_MOST_OPTIMIZATIONS, previous)
+        forget_compiled()
+
+
+@pytest.fixture
+def less_optimized():
+    """`less_optimized_compiles` around one test."""
+    with less_optimized_compiles():
+        yield
+
+
+@pytest.fixture(scope="module")
+def less_optimized_module():
+    """`less_optimized_compiles` around a whole module (its module fixtures included, when
+    they request it)."""
+    with less_optimized_compiles():
+        yield

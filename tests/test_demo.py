@@ -57,6 +57,9 @@ def test_demo_config_points_at_the_sample():
 
 
 def test_demo_smoke_trains_evaluates_and_draws_every_figure(tmp_path):
+    # The step counts of the tests' tiny runs (conftest.tiny_run_config): the demo's model,
+    # batch and method are those of the tiny CoMatch+Triplet run, so the two share their
+    # compiled programs through the compilation cache.
     workdir = tmp_path / "demo"
     proc = subprocess.run(
         [
@@ -66,10 +69,10 @@ def test_demo_smoke_trains_evaluates_and_draws_every_figure(tmp_path):
             "configs/demo.py:smoke",
             "--workdir",
             str(workdir),
-            "--config.train.total_steps=16",
-            "--config.train.steps_per_epoch=8",
-            "--config.train.log_every=8",
-            "--config.train.checkpoint_every=8",
+            "--config.train.total_steps=8",
+            "--config.train.steps_per_epoch=4",
+            "--config.train.log_every=2",
+            "--config.train.checkpoint_every=4",
         ],
         cwd=REPO,
         capture_output=True,
@@ -78,10 +81,10 @@ def test_demo_smoke_trains_evaluates_and_draws_every_figure(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["step"] == 16 and summary["eval"]["num_test"] == 100
+    assert summary["step"] == 8 and summary["eval"]["num_test"] == 100
     split = json.loads((workdir / "split.json").read_text())
     assert (len(split["train"]), len(split["test"]), len(split["labelled"])) == (100, 100, 40)
-    out = workdir / "eval" / "16"
+    out = workdir / "eval" / "8"
     for name in FIGURES:
         with Image.open(out / name) as im:
             assert np.asarray(im.convert("L")).std() > 5, name

@@ -77,33 +77,51 @@ def test_blocks_hold_exactly_the_per_step_batches(mode):
                 np.testing.assert_array_equal(block[key][i], value, err_msg=f"{key} step {i}")
 
 
-@pytest.mark.parametrize(
-    "name, where, keys",
-    [
-        # host augmentation; CoMatch+Triplet carries a memory bank and a DA history
-        ("ucm10_triplet", "host", ("loss_u", "loss_c", "loss_dml", "mask_prob", "triplet_mined")),
-        # on-device augmentation: index blocks, per-step keys fold_in(rng, step) in the scan
-        ("ucm10_supervised", "device", ()),
-    ],
-)
-def test_k_step_training_matches_one_step_per_dispatch(name, where, keys, tmp_path, shared_data):
-    """K = 4 logs what K = 1 logs: same data order, same augmentation, same losses."""
-    runs = {}
-    for k in (1, 4):
-        config = tiny_run_config(name, str(tmp_path / "cache"), log_every=4)
-        config.augment.where = where
-        config.train.steps_per_dispatch = k
-        workdir = tmp_path / f"k{k}"
-        train.train_and_evaluate(config, str(workdir))
-        rows = metric_writers.read_metrics(str(workdir))
-        assert [r["steps_per_dispatch"] for r in rows if r["kind"] == "run"] == [k]
-        runs[k] = rows
+TRIPLET_KEYS = ("loss_u", "loss_c", "loss_dml", "mask_prob", "triplet_mined")
+
+
+def _train_rows(workdir, k):
+    rows = metric_writers.read_metrics(str(workdir))
+    assert [r["steps_per_dispatch"] for r in rows if r["kind"] == "run"] == [k]
+    return rows
+
+
+def _assert_same_training(runs, keys, logged_steps):
     train_rows = {k: [r for r in rows if r["kind"] == "train"] for k, rows in runs.items()}
-    assert [r["step"] for r in train_rows[1]] == [r["step"] for r in train_rows[4]] == [4, 8]
+    assert all([r["step"] for r in rows] == logged_steps for rows in train_rows.values())
     keys = ("loss", "loss_x", "grad_norm", "param_norm", "ema_param_norm", "lr", *keys)
-    for one, four in zip(train_rows[1], train_rows[4], strict=True):
+    one, many = train_rows.values()
+    for a, b in zip(one, many, strict=True):
         # The same scan body runs in both programs; XLA may fuse a 1-trip loop differently,
         # so equality is asked up to float32 reassociation.
-        np.testing.assert_allclose([one[k] for k in keys], [four[k] for k in keys], rtol=2e-5)
-    evals = {k: [r["top1"] for r in rows if r["kind"] == "eval"] for k, rows in runs.items()}
-    assert evals[1] == evals[4]
+        np.testing.assert_allclose([a[k] for k in keys], [b[k] for k in keys], rtol=2e-5)
+    evals = [[r["top1"] for r in rows if r["kind"] == "eval"] for rows in runs.values()]
+    assert evals[0] == evals[1]
+
+
+def test_k_step_training_matches_one_step_per_dispatch_host(triplet_run, tmp_path):
+    """K = 2 logs what K = 1 logs, host augmentation: same data order, same augmentation, same
+    losses. CoMatch+Triplet carries a memory bank and a DA history. K = 2 is the session's
+    tiny run (conftest.triplet_run: K chosen automatically), K = 1 the same config."""
+    config = triplet_run.fresh_config()
+    config.augment.where = "host"
+    config.train.steps_per_dispatch = 1
+    train.train_and_evaluate(config, str(tmp_path / "k1"))
+    runs = {1: _train_rows(tmp_path / "k1", 1), 2: _train_rows(triplet_run.workdir, 2)}
+    _assert_same_training(runs, TRIPLET_KEYS, [2, 4, 6, 8])
+
+
+def test_k_step_training_matches_one_step_per_dispatch_device(
+    tmp_path, decoded_cache, less_optimized
+):
+    """K = 4 logs what K = 1 logs, on-device augmentation: index blocks, per-step keys
+    fold_in(rng, step) in the scan. Both programs are built with the same (reduced) XLA
+    optimisation, so only the K-step structure differs between them."""
+    runs = {}
+    for k in (1, 4):
+        config = tiny_run_config("ucm10_supervised", decoded_cache, log_every=4)
+        config.augment.where = "device"
+        config.train.steps_per_dispatch = k
+        train.train_and_evaluate(config, str(tmp_path / f"k{k}"))
+        runs[k] = _train_rows(tmp_path / f"k{k}", k)
+    _assert_same_training(runs, (), [4, 8])

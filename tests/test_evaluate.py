@@ -20,7 +20,7 @@ from PIL import Image
 
 import launch
 from ssl_jax import checkpoint as checkpoint_lib
-from ssl_jax import evaluate, inference, metric_writers, retrieval, run, train
+from ssl_jax import evaluate, inference, metric_writers, retrieval, run
 from ssl_jax.data import DataError
 from ssl_jax.data.augment_spec import CROP_SIZE
 
@@ -33,13 +33,13 @@ def tiny_config(cache_dir):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, shared_data):
-    """(workdir, config, result): 8 steps of CoMatch+Triplet, then eval with figures + online."""
-    root = tmp_path_factory.mktemp("evaluate")
-    config = tiny_config(str(root / "cache"))
-    workdir = root / "run"
-    train.train_and_evaluate(config, str(workdir))
-    eval_config = tiny_config(str(root / "cache"))
+def trained(tmp_path_factory, triplet_run):
+    """(workdir, config, result): a copy of the session's 8-step CoMatch+Triplet run
+    (conftest.triplet_run, trained with `tiny_config`), then eval with figures + online."""
+    workdir = triplet_run.copy_to(tmp_path_factory.mktemp("evaluate") / "run")
+    config = triplet_run.fresh_config()
+    assert config.to_dict() == tiny_config(config.data.cache_dir).to_dict()
+    eval_config = tiny_config(config.data.cache_dir)
     eval_config.eval.figures = True
     eval_config.eval.online = True
     result = evaluate.evaluate_workdir(str(workdir), eval_config)

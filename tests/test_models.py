@@ -16,6 +16,10 @@ from ssl_jax.models import CPU_PLANS, MODELS, conv_layers, cpu_conv, get_model, 
 
 TINY_WIDTH = 0.125
 
+# Every test here checks structure or compares programs built here with each other (never
+# with fixtures): XLA's optimisations mostly off builds them several times faster.
+pytestmark = pytest.mark.usefixtures("less_optimized_module")
+
 
 def _abstract_variables(model, image_size=60):
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
@@ -37,7 +41,7 @@ def _images(n=2, size=60, seed=0):
 
 
 @pytest.fixture(scope="module")
-def tiny_resnet18():
+def tiny_resnet18(less_optimized_module):
     """One tiny ResNet-18 initialisation shared by the tests (compiles dominate runtime)."""
     model = get_model("resnet18", 4, 8, width=TINY_WIDTH)
     images = _images(4, 32)

@@ -4,6 +4,7 @@ import csv
 import importlib
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import tiny_run_config
 
-from ssl_jax import evaluate, metric_writers, report, train
+from ssl_jax import evaluate, metric_writers, report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -24,14 +25,12 @@ def tiny_supervised(cache_dir, seed):
 
 
 @pytest.fixture(scope="module")
-def two_seeds(tmp_path_factory, shared_data):
-    root = tmp_path_factory.mktemp("report")
-    workdirs = []
-    for seed in (0, 1):
-        workdir = root / f"seed{seed}"
-        train.train_and_evaluate(tiny_supervised(str(root / "cache"), seed), str(workdir))
-        workdirs.append(workdir)
-    return workdirs
+def two_seeds(tiny_runs, supervised_run):
+    """The session's tiny supervised run (seed 0, conftest.supervised_run) and seed 1."""
+    seed1 = tiny_runs.get("ucm10_supervised", seed=1)
+    for run, seed in ((supervised_run, 0), (seed1, 1)):
+        assert run.config.to_dict() == tiny_supervised(run.config.data.cache_dir, seed).to_dict()
+    return [supervised_run.workdir, seed1.workdir]
 
 
 def _final_top1(workdir):
@@ -67,12 +66,13 @@ def test_report_cli_prints_mean_and_std_over_seeds(two_seeds, tmp_path):
     assert float(row["train_seconds_mean"]) > 0  # read from the checkpoints' meta
 
 
-def test_a_run_without_projection_head_skips_the_embedding_parts(two_seeds):
-    saved = json.loads((two_seeds[0] / "config.json").read_text())
+def test_a_run_without_projection_head_skips_the_embedding_parts(two_seeds, tmp_path):
+    workdir = shutil.copytree(two_seeds[0], tmp_path / "seed0")  # the shared run stays as is
+    saved = json.loads((workdir / "config.json").read_text())
     config = tiny_supervised(saved["data"]["cache_dir"], 0)
     config.eval.figures = True
-    result = evaluate.evaluate_workdir(str(two_seeds[0]), config)
-    out = two_seeds[0] / "eval" / "8"
+    result = evaluate.evaluate_workdir(str(workdir), config)
+    out = workdir / "eval" / "8"
     assert result["embedding_metrics"]["available"] is False
     assert "no projection head" in result["embedding_metrics"]["reason"]
     assert not (out / "embeddings.npz").exists() and not (out / "tsne.png").exists()

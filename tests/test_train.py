@@ -16,68 +16,56 @@ import pytest
 from conftest import tiny_run_config
 
 from ssl_jax import checkpoint as checkpoint_lib
-from ssl_jax import dispatch, evaluate, metric_writers, train, train_state
+from ssl_jax import evaluate, metric_writers, train, train_state
 from ssl_jax.algorithms import get_algorithm
 from ssl_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, shared_data):
-    return str(tmp_path_factory.mktemp("decoded_cache"))
-
-
 def records(workdir, kind):
     return [r for r in metric_writers.read_metrics(str(workdir)) if r["kind"] == kind]
 
 
-def test_supervised_run_logs_checkpoints_and_evaluates(tmp_path, cache_dir, monkeypatch):
-    config = tiny_run_config("ucm10_supervised", cache_dir)
-    made = []  # every jitted K-step program the loop builds
-    make_multi_step = dispatch.make_multi_step
-    monkeypatch.setattr(
-        dispatch,
-        "make_multi_step",
-        lambda *a, **k: made.append(make_multi_step(*a, **k)) or made[-1],
-    )
-    meta = train.train_and_evaluate(config, str(tmp_path))
+def test_supervised_run_logs_checkpoints_and_evaluates(supervised_run, tmp_path):
+    """The tiny supervised run (conftest.supervised_run, trained once per session)."""
+    run_dir, meta, made = supervised_run.workdir, supervised_run.meta, supervised_run.programs
     # Jitted once, never retraced in the loop: one function, one compiled signature.
     assert len(made) == 1 and made[0]._cache_size() == 1
 
-    logged = records(tmp_path, "train")
+    logged = records(run_dir, "train")
     assert [r["step"] for r in logged] == [2, 4, 6, 8]
     for key in ("loss", "loss_x", "lr", "grad_norm", "param_norm", "img_per_s", "eta_s"):
         assert all(np.isfinite(r[key]) for r in logged), key
-    evals = records(tmp_path, "eval")
+    evals = records(run_dir, "eval")
     assert [r["step"] for r in evals] == [4, 8]
     assert evals[-1]["best_top1"] == max(r["top1"] for r in evals)
     assert evals[-1]["mean_top1_last"] == pytest.approx(np.mean([r["top1"] for r in evals]))
     assert all(0 <= r["top1"] <= r["top5"] <= 100 and r["num_test"] == 500 for r in evals)
     assert meta["best_top1"] == evals[-1]["best_top1"]
-    assert (tmp_path / "config.json").exists()
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    assert sorted(
-        int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()
-    ) == [4, 8]
+    assert (run_dir / "config.json").exists()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        4,
+        8,
+    ]
 
     # --mode eval restores only the EMA weights and reproduces the last in-training evaluation.
-    result = evaluate.evaluate_workdir(str(tmp_path))
+    copy = supervised_run.copy_to(tmp_path / "run")
+    result = evaluate.evaluate_workdir(str(copy))
     assert result["step"] == 8 and result["top1"] == evals[-1]["top1"]
-    assert (
-        json.loads((tmp_path / "eval" / "8" / "metrics.json").read_text())["top1"] == result["top1"]
-    )
+    assert json.loads((copy / "eval" / "8" / "metrics.json").read_text())["top1"] == result["top1"]
 
 
 class _Interrupt(Exception):
     pass
 
 
-def test_comatch_triplet_resume_is_bit_identical(tmp_path, cache_dir, monkeypatch):
-    """An interrupted run, resumed, logs exactly the losses of an uninterrupted one."""
-    config = tiny_run_config("ucm10_triplet", cache_dir)
-    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
-    train.train_and_evaluate(config, str(full))
+def test_comatch_triplet_resume_is_bit_identical(triplet_run, tmp_path, monkeypatch):
+    """An interrupted run, resumed, logs exactly the losses of an uninterrupted one (the
+    session's tiny CoMatch+Triplet run, conftest.triplet_run)."""
+    config = triplet_run.fresh_config()
+    full, interrupted = triplet_run.workdir, tmp_path / "interrupted"
 
     write = metric_writers.MetricWriter.write
 
@@ -130,10 +118,10 @@ def _poison_from_step(monkeypatch, first_bad_step):
 
 
 def test_non_finite_loss_stops_the_run_names_the_last_good_checkpoint_and_can_continue(
-    tmp_path, cache_dir, monkeypatch
+    tmp_path, decoded_cache, monkeypatch, less_optimized
 ):
     _poison_from_step(monkeypatch, 5)
-    config = tiny_run_config("ucm10_supervised", cache_dir)
+    config = tiny_run_config("ucm10_supervised", decoded_cache)
     with pytest.raises(train.NonFiniteLossError, match="between steps 5 and 6") as err:
         train.train_and_evaluate(config, str(tmp_path))
     assert "last good checkpoint is step 4" in str(err.value)
@@ -161,16 +149,18 @@ def test_non_finite_loss_stops_the_run_names_the_last_good_checkpoint_and_can_co
     assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 0.01
 
 
-def test_non_finite_loss_before_any_checkpoint_says_there_is_none(tmp_path, cache_dir, monkeypatch):
+def test_non_finite_loss_before_any_checkpoint_says_there_is_none(
+    tmp_path, decoded_cache, monkeypatch, less_optimized
+):
     _poison_from_step(monkeypatch, 0)
-    config = tiny_run_config("ucm10_supervised", cache_dir)
+    config = tiny_run_config("ucm10_supervised", decoded_cache)
     with pytest.raises(train.NonFiniteLossError, match="between steps 1 and 2") as err:
         train.train_and_evaluate(config, str(tmp_path))
     assert "No checkpoint was written" in str(err.value)
     assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
 
 
-def test_eval_errors_name_the_problem(tmp_path, cache_dir):
+def test_eval_errors_name_the_problem(tmp_path):
     with pytest.raises(checkpoint_lib.CheckpointError, match="does not exist"):
         evaluate.evaluate_workdir(str(tmp_path / "missing"))
     with pytest.raises(checkpoint_lib.CheckpointError, match="not an ssl_jax training workdir"):
@@ -180,14 +170,14 @@ def test_eval_errors_name_the_problem(tmp_path, cache_dir):
 def _launch(workdir, *extra):
     return [
         sys.executable,
-        str(REPO / "launch.py"),
+        os.environ.get("MEASURE_LAUNCH", str(REPO / "launch.py")),  # TEMPORARY
         "--config",
         "configs/ucm10_supervised.py:smoke",
         "--workdir",
         str(workdir),
-        "--config.train.total_steps=64",
+        "--config.train.total_steps=32",
         "--config.train.steps_per_epoch=16",
-        "--config.train.checkpoint_every=16",
+        "--config.train.checkpoint_every=8",
         "--config.train.log_every=8",
         "--config.eval.after_training=False",
         "--config.train.steps_per_dispatch=4",
@@ -195,79 +185,94 @@ def _launch(workdir, *extra):
     ]
 
 
-def _start_and_wait_for_first_checkpoint(workdir, cache, env, **popen):
-    proc = subprocess.Popen(_launch(workdir, cache), cwd=REPO, env=env, **popen)
-    first = workdir / "checkpoints" / "16"
-    deadline = time.time() + 300
-    while not first.is_dir() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    return proc, first
+def _start(workdir, cache, env, **popen):
+    return subprocess.Popen(_launch(workdir, cache), cwd=REPO, env=env, **popen)
+
+
+def _finish(proc, timeout=600):
+    """Waits for a run started with pipes; (returncode, stderr)."""
+    _, stderr = proc.communicate(timeout=timeout)
+    return proc.returncode, stderr
 
 
 def test_sigkill_or_sigterm_then_rerun_matches_uninterrupted_and_a_second_run_is_refused(
-    tmp_path, cache_dir
+    tmp_path, decoded_cache
 ):
     """K steps per dispatch (K = 4 here): SIGKILL, or SIGTERM (a checkpoint at the next
     dispatch boundary, with the partial metric sums), then the same command again, logs what
-    an uninterrupted run logs; a second run on a workdir in use fails at once, naming it."""
-    env = dict(os.environ)
-    cache = f"--config.data.cache_dir={cache_dir}"
+    an uninterrupted run logs; a second run on a workdir in use fails at once, naming it.
+
+    Every run compares with runs of the same command, so all are built with XLA's
+    optimisations mostly off (a fraction of the compile time). The uninterrupted run goes
+    first (it compiles; the others load its program from the cache); then the two
+    interrupted runs side by side, and their two reruns side by side (2 cores)."""
+    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    if os.environ.get("MEASURE_FULL_OPT"):  # TEMPORARY
+        env = dict(os.environ)
+    cache = f"--config.data.cache_dir={decoded_cache}"
     full, killed, termed = tmp_path / "full", tmp_path / "killed", tmp_path / "termed"
-    subprocess.run(
-        _launch(full, cache), cwd=REPO, env=env, check=True, capture_output=True, timeout=600
-    )
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    returncode, stderr = _finish(_start(full, cache, env, **pipes))
+    assert returncode == 0, stderr[-3000:]
     assert [r["steps_per_dispatch"] for r in records(full, "run")] == [4]
 
-    proc, first = _start_and_wait_for_first_checkpoint(
-        killed, cache, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    steps_before = [r["step"] for r in records(killed, "train")]
-    assert first.is_dir() and max(steps_before) < 64, "the run was not interrupted mid-way"
-
-    proc, first = _start_and_wait_for_first_checkpoint(
-        termed, cache, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    with pytest.raises(WorkdirLockedError, match=f"pid {proc.pid} on host"):
-        WorkdirLock(str(termed)).acquire()  # this test's process: a second run, refused
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and "Stopped by SIGTERM after step" in stderr, stderr[-2000:]
+    procs = {
+        killed: _start(killed, cache, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        termed: _start(termed, cache, env, **pipes),
+    }
+    try:
+        waiting, deadline = dict(procs), time.time() + 300
+        while waiting and time.time() < deadline:
+            for workdir, proc in list(waiting.items()):
+                if (workdir / "checkpoints" / "8").is_dir() or proc.poll() is not None:
+                    del waiting[workdir]  # its first checkpoint is written (or it ended)
+                    if workdir == termed:  # this test's process: a second run, refused
+                        with pytest.raises(WorkdirLockedError, match=f"pid {proc.pid} on host"):
+                            WorkdirLock(str(termed)).acquire()
+                    proc.send_signal(signal.SIGKILL if workdir == killed else signal.SIGTERM)
+            time.sleep(0.02)
+        procs[killed].wait(timeout=300)
+        steps_before = [r["step"] for r in records(killed, "train")]
+        assert (killed / "checkpoints" / "8").is_dir() and max(steps_before) < 32, (
+            "the run was not interrupted mid-way"
+        )
+        returncode, stderr = _finish(procs[termed], timeout=300)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    assert returncode != 0 and "Stopped by SIGTERM after step" in stderr, stderr[-2000:]
     stopped_at = int(stderr.split("Stopped by SIGTERM after step ")[1].split()[0])
     assert stopped_at % 4 == 0 and (termed / "checkpoints" / str(stopped_at)).is_dir()
 
-    for workdir in (killed, termed):
-        subprocess.run(
-            _launch(workdir, cache),
-            cwd=REPO,
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=600,
-        )
+    reruns = {workdir: _start(workdir, cache, env, **pipes) for workdir in (killed, termed)}
+    finished = {workdir: _finish(proc) for workdir, proc in reruns.items()}
+    for workdir, (returncode, stderr) in finished.items():
+        assert returncode == 0, stderr[-3000:]
         a, b = records(full, "train"), records(workdir, "train")
         assert [r["step"] for r in a] == [r["step"] for r in b]
         assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
 
 
-def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path, cache_dir, monkeypatch):
-    config = tiny_run_config("ucm10_supervised", cache_dir, total_steps=4)
-    train.train_and_evaluate(config, str(tmp_path))
-    split_before = (tmp_path / "split.json").read_text()
+def test_resume_refuses_data_that_changed_since_the_checkpoint(
+    supervised_run, tmp_path, monkeypatch
+):
+    config = supervised_run.fresh_config()  # 8 steps, finished: a copy of the session's run
+    workdir = supervised_run.copy_to(tmp_path / "run")
+    split_before = (workdir / "split.json").read_text()
     load = train.data_lib.load_dataset
     monkeypatch.setattr(
         train.data_lib,
         "load_dataset",
         lambda *a, **k: dataclasses.replace(load(*a, **k), split_hash="0123456789abcdef"),
     )
-    config.train.total_steps = 8  # train further: a changed schedule is refused first...
+    config.train.total_steps = 16  # train further: a changed schedule is refused first...
     with pytest.raises(checkpoint_lib.CheckpointError, match="different config"):
-        train.train_and_evaluate(config, str(tmp_path))
-    config.train.total_steps = 4  # ...so rerun the same config: the data check must fire
+        train.train_and_evaluate(config, str(workdir))
+    config.train.total_steps = 8  # ...so rerun the same config: the data check must fire
     with pytest.raises(checkpoint_lib.CheckpointError, match="data changed"):
-        train.train_and_evaluate(config, str(tmp_path))
-    assert (tmp_path / "split.json").read_text() == split_before
+        train.train_and_evaluate(config, str(workdir))
+    assert (workdir / "split.json").read_text() == split_before
 
 
 def test_resume_fills_config_keys_added_since_with_their_defaults(tmp_path):
@@ -294,9 +299,11 @@ def test_resume_fills_config_keys_added_since_with_their_defaults(tmp_path):
 @pytest.mark.parametrize(
     "name", ["ucm10_fixmatch", "ucm10_fixmatch_ccssl", "ucm10_comatch", "ucm10_ccssl_od"]
 )
-def test_every_method_trains_on_real_ucm10(name, tmp_path, cache_dir):
+def test_every_method_trains_on_real_ucm10(name, tmp_path, decoded_cache, less_optimized):
     """Each method's smoke config runs in the real loop and logs its own loss terms."""
-    config = tiny_run_config(name, cache_dir, total_steps=4, steps_per_epoch=4, checkpoint_every=4)
+    config = tiny_run_config(
+        name, decoded_cache, total_steps=4, steps_per_epoch=4, checkpoint_every=4
+    )
     train.train_and_evaluate(config, str(tmp_path))
     logged = records(tmp_path, "train")
     expected = {"loss", "loss_x", "loss_u", "mask_prob", "pseudo_acc"}
