@@ -118,6 +118,7 @@ class TinyRun:
     config: object  # the ml_collections config it was trained with (copy before editing)
     meta: dict  # what train_and_evaluate returned
     programs: list  # every jitted K-step program the loop built (dispatch.make_multi_step)
+    compiled_signatures: list  # each program's jit cache size when the run ended
 
     def copy_to(self, dest) -> pathlib.Path:
         shutil.copytree(self.workdir, dest)
@@ -153,8 +154,9 @@ class TinyRuns:
                     "make_multi_step",
                     lambda *a, **k: made.append(make_multi_step(*a, **k)) or made[-1],
                 )
-                meta = train.train_and_evaluate(config.copy_and_resolve_references(), workdir)
-            self._runs[key] = TinyRun(workdir, config, meta, made)
+                meta = train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir))
+            signatures = [program._cache_size() for program in made]
+            self._runs[key] = TinyRun(workdir, config, meta, made, signatures)
         return self._runs[key]
 
 

@@ -29,9 +29,9 @@ def records(workdir, kind):
 
 def test_supervised_run_logs_checkpoints_and_evaluates(supervised_run, tmp_path):
     """The tiny supervised run (conftest.supervised_run, trained once per session)."""
-    run_dir, meta, made = supervised_run.workdir, supervised_run.meta, supervised_run.programs
+    run_dir, meta = supervised_run.workdir, supervised_run.meta
     # Jitted once, never retraced in the loop: one function, one compiled signature.
-    assert len(made) == 1 and made[0]._cache_size() == 1
+    assert len(supervised_run.programs) == 1 and supervised_run.compiled_signatures == [1]
 
     logged = records(run_dir, "train")
     assert [r["step"] for r in logged] == [2, 4, 6, 8]
@@ -170,7 +170,7 @@ def test_eval_errors_name_the_problem(tmp_path):
 def _launch(workdir, *extra):
     return [
         sys.executable,
-        os.environ.get("MEASURE_LAUNCH", str(REPO / "launch.py")),  # TEMPORARY
+        str(REPO / "launch.py"),
         "--config",
         "configs/ucm10_supervised.py:smoke",
         "--workdir",
@@ -207,8 +207,6 @@ def test_sigkill_or_sigterm_then_rerun_matches_uninterrupted_and_a_second_run_is
     first (it compiles; the others load its program from the cache); then the two
     interrupted runs side by side, and their two reruns side by side (2 cores)."""
     env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-    if os.environ.get("MEASURE_FULL_OPT"):  # TEMPORARY
-        env = dict(os.environ)
     cache = f"--config.data.cache_dir={decoded_cache}"
     full, killed, termed = tmp_path / "full", tmp_path / "killed", tmp_path / "termed"
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
