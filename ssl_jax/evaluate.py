@@ -1,7 +1,7 @@
 """Evaluation and prediction from a training workdir's Orbax checkpoints (EMA weights only).
 
     evaluate_workdir(workdir)   # --mode eval: eval/<step>/metrics.json, figures, embeddings.npz
-    predict_workdir(workdir)    # --mode predict: a CSV of classes for --config.predict.input
+    predict_workdir(workdir)    # --mode predict (in ssl_jax.predict): a CSV of classes
 
 `eval/<step>/metrics.json` holds, for the EMA weights (and with `config.eval.online` also for the
 online weights, under "online"): top-1/top-5, per-class accuracy by class name, balanced
@@ -17,7 +17,6 @@ A several-seed run (`config.num_seeds` > 1) is evaluated seed by seed: each seed
 
 from __future__ import annotations
 
-import csv
 import glob
 import json
 import os
@@ -32,14 +31,7 @@ from ssl_jax import data as data_lib
 from ssl_jax import figures as figures_lib
 from ssl_jax import files, inference, metric_writers, retrieval, train_state
 from ssl_jax.algorithms import get_algorithm
-from ssl_jax.data import augment_host
-from ssl_jax.data.sources import (
-    IMAGE_EXTENSIONS,
-    DataError,
-    is_image_file,
-    is_unsupported_image_file,
-    unsupported_files_message,
-)
+from ssl_jax.data.sources import DataError
 
 # Sections of a command-line config that apply to evaluating an existing run.
 EVAL_OVERRIDES = ("eval", "predict")
@@ -50,7 +42,6 @@ OVERRIDABLE_KEYS = (
     *(p for section in EVAL_OVERRIDES for p in (section, section + ".")),
     *(f"data.{key}" for key in DATA_OVERRIDES),
 )
-TOP_K = 5  # classes listed per image by --mode predict
 
 
 def resolve_config(
@@ -443,151 +434,16 @@ def draw_figures(workdir, out_dir, config, cm, class_names, arrays, step) -> lis
 
 # ------------------------------------------------------------------------------ prediction
 
-
-def find_images(path: str) -> list[str]:
-    """`path` itself if it is a file, else every image below the folder (recursive, sorted).
-
-    Files with an image extension the loader does not read (.bmp, .webp, .gif, ...) are an
-    error listing them all, never skipped silently.
-    """
-    if not path:
-        raise DataError(
-            "--mode predict needs --config.predict.input=PATH: an image file or a folder of "
-            f"images ({'/'.join(IMAGE_EXTENSIONS)})."
-        )
-    where = f"--config.predict.input {path!r}"
-    if os.path.isfile(path):
-        if is_unsupported_image_file(path):
-            raise DataError(unsupported_files_message([path], where))
-        return [path]
-    if not os.path.isdir(path):
-        raise DataError(
-            f"config.predict.input {path!r} does not exist (expected a file or folder)."
-        )
-    found, unsupported = [], []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if is_image_file(name):
-                found.append(os.path.join(dirpath, name))
-            elif is_unsupported_image_file(name):
-                unsupported.append(os.path.join(dirpath, name))
-    if unsupported:
-        raise DataError(unsupported_files_message(unsupported, where))
-    if not found:
-        raise DataError(
-            f"No images ({'/'.join(IMAGE_EXTENSIONS)}) under {path!r} for --mode predict."
-        )
-    return found
+# Prediction lives in ssl_jax.predict (which imports this module); its names stay reachable here
+# (`evaluate.predict_workdir`), imported on first use so that neither import is circular.
+_PREDICT_NAMES = (
+    "TOP_K", "choose_seed", "find_images", "load_prediction_images", "predict_workdir",
+)  # fmt: skip
 
 
-def load_prediction_images(files: list[str], size: int, crop_size: int) -> list[np.ndarray]:
-    """Test views (Resize(size) + CentreCrop(crop_size)) of every file; one error lists all bad
-    files. Pass the run's `data.image_size` and `data.crop_size`, as evaluation does."""
-    views, bad = [], []
-    for path in files:
-        try:
-            image = data_lib.load_image(path, size)
-            views.append(augment_host.test_view(image, crop_size=crop_size))
-        except DataError as e:
-            bad.append(f"  {path}: {e.__cause__ or e}")
-    if bad:
-        raise DataError(
-            f"{len(bad)} of {len(files)} image(s) could not be read for --mode predict:\n"
-            + "\n".join(bad)
-            + f"\nExpected readable {'/'.join(IMAGE_EXTENSIONS)} images; fix or remove these."
-        )
-    return views
+def __getattr__(name: str):
+    if name in _PREDICT_NAMES:
+        from ssl_jax import predict
 
-
-def predict_workdir(
-    workdir: str, cli_config: ml_collections.ConfigDict | None = None, *, explicit=()
-) -> dict:
-    """Classifies config.predict.input; writes a CSV (file, class, confidence, top-5)."""
-    workdir = os.path.abspath(workdir)
-    config = resolve_config(workdir, cli_config, explicit=explicit)
-    source = config.predict.input
-    files = find_images(source)
-    class_names = saved_class_names(workdir, config)
-    views = load_prediction_images(files, int(config.data.image_size), int(config.data.crop_size))
-    model, variables, step, meta = restore_model(workdir, config)
-    chosen = None
-    if num_seeds(config) > 1:
-        chosen = choose_seed(config, meta)
-        print(chosen["why"], flush=True)
-        variables = seed_variables(variables, chosen["seed"] - int(config.seed))
-    probabilities = inference.predict_probabilities(
-        model, variables, views, config.data.eval_batch_size
-    )
-
-    output = config.predict.output or os.path.join(workdir, "predictions.csv")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    k = min(TOP_K, len(class_names))
-    header = ["file", "predicted_class", "confidence", "folder_class"]
-    for i in range(1, k + 1):
-        header += [f"top{i}_class", f"top{i}_prob"]
-    known, correct = 0, 0
-    with open(output, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for path, probs in zip(files, probabilities, strict=True):
-            order = np.argsort(-probs, kind="stable")[:k]
-            folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
-            folder_class = folder if folder in class_names else ""
-            if folder_class:
-                known += 1
-                correct += int(class_names[order[0]] == folder_class)
-            row = [path, class_names[order[0]], f"{probs[order[0]]:.6f}", folder_class]
-            for c in order:
-                row += [class_names[c], f"{probs[c]:.6f}"]
-            writer.writerow(row)
-    summary = {
-        "output": os.path.abspath(output),
-        "num_images": len(files),
-        "step": int(step),
-        "input": source,
-    }
-    if chosen is not None:
-        summary["seed"] = chosen["seed"]
-        summary["seed_choice"] = chosen["why"]
-    if known:
-        # Images inside a folder named after a class: how often the prediction agrees with it.
-        summary["num_in_class_folders"] = known
-        summary["folder_class_accuracy"] = float(100.0 * correct / known)
-    print(f"Wrote {len(files)} predictions to {summary['output']}.", flush=True)
-    return summary
-
-
-def choose_seed(config: ml_collections.ConfigDict, meta: dict) -> dict:
-    """{"seed", "why"}: `config.predict.seed`, or (-1, the default) the seed whose EMA top-1 at
-    the checkpoint's last evaluation is the highest (the lowest seed among equals)."""
-    seeds = [int(config.seed) + i for i in range(num_seeds(config))]
-    requested = int(config.predict.get("seed", -1))
-    if requested >= 0:
-        if requested not in seeds:
-            raise checkpoint_lib.CheckpointError(
-                f"config.predict.seed={requested} is not a seed of this run (seeds "
-                f"{seeds[0]}-{seeds[-1]}); choose one of them or -1 for the best."
-            )
-        return {
-            "seed": requested,
-            "why": f"Predicting with seed {requested} (config.predict.seed).",
-        }
-    top1 = {}
-    for seed in seeds:
-        history = meta.get("seeds", {}).get(str(seed), {}).get("eval_top1_history", [])
-        if history:
-            top1[seed] = float(history[-1])
-    if not top1:
-        return {
-            "seed": seeds[0],
-            "why": f"Predicting with seed {seeds[0]}: the checkpoint holds no evaluation to "
-            "choose by (set --config.predict.seed to choose).",
-        }
-    best = max(top1, key=lambda s: (top1[s], -s))
-    listed = ", ".join(f"seed {s}: {v:.2f}" for s, v in top1.items())
-    return {
-        "seed": best,
-        "why": f"Predicting with seed {best}, the best by EMA top-1 at this checkpoint ({listed}); "
-        "--config.predict.seed=S chooses another.",
-    }
+        return getattr(predict, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

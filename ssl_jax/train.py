@@ -19,27 +19,17 @@ embeddings and evaluations sit in `<workdir>/seed_<s>/`; one checkpoint holds th
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import dataclasses
 import functools
 import logging
 import math
 import os
-import signal
 import sys
-import threading
 import time
 import types
-from collections.abc import Callable, Mapping
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from jax.sharding import Mesh
 
 from ssl_jax import checkpoint as checkpoint_lib
 from ssl_jax import (
@@ -49,131 +39,40 @@ from ssl_jax import (
     files,
     inference,
     metric_writers,
-    optim,
+    run_guards,
     train_state,
-    xla_cpu,
 )
 from ssl_jax import data as data_lib
-from ssl_jax.algorithms.base import Algorithm
-from ssl_jax.data import on_device, protocols
-from ssl_jax.data.normalize import to_network_input
+from ssl_jax.data import protocols
 from ssl_jax.data.protocols import write_split_json
-from ssl_jax.data.sources import ImagePool
+
+# Re-exported: the step, the seeds and the program used to live here, and callers use them so.
+from ssl_jax.program import (
+    Training,
+    make_step_fn,  # noqa: E402,F401
+    prepare_training,
+)
+from ssl_jax.run_guards import NonFiniteLossError, Preempted  # noqa: F401 - re-exported
+from ssl_jax.seeds import (  # noqa: E402,F401
+    config_for_seed,
+    seed_data,
+    seed_dir,
+    seed_slice,
+    seeds_of,
+    stack_seeds,
+)
+from ssl_jax.step import (  # noqa: E402,F401
+    make_train_step,
+    network_inputs,
+    resolve_augment_where,
+    train_step,
+)
 from ssl_jax.workdir_lock import WorkdirLock
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Raised when a logged loss (or the parameters) stop being finite."""
-
 
 # ------------------------------------------------------------------------------- config
 
 
-def resolve_augment_where(config: ml_collections.ConfigDict) -> str:
-    """`auto` means on the device wherever there is an accelerator, on the host otherwise."""
-    if config.augment.where != "auto":
-        return config.augment.where
-    return "host" if jax.default_backend() == "cpu" else "device"
-
-
-# ------------------------------------------------------------------------------ the step
-
-
-def network_inputs(
-    batch: Mapping[str, jax.Array], views: tuple[str, ...], *, normalize_strong1: bool, dtype
-) -> jax.Array:
-    """Concatenates ``[x ; views...]`` as network input; strong1 stays in [0, 1] by default
-    (docs/method.md#q3-unnormalised-strong1-view)."""
-    parts = [to_network_input(batch["x"], dtype=dtype)]
-    for view in views:
-        normalize = normalize_strong1 or view != "u_s1"
-        parts.append(to_network_input(batch[view], normalize=normalize, dtype=dtype))
-    return jnp.concatenate(parts, axis=0)
-
-
-def train_step(
-    state: train_state.TrainState,
-    batch: Mapping[str, jax.Array],
-    device_data: Any,
-    *,
-    model,
-    algorithm: Algorithm,
-    tx: optax.GradientTransformation,
-    config: ml_collections.ConfigDict,
-    augment_fn: Callable | None = None,
-    platform: str | None = None,
-) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
-    """One optimizer step of any algorithm (docs/method.md#training-step)."""
-    step = state.step
-    step_rng = jax.random.fold_in(state.rng, step)
-    if augment_fn is not None:  # on-device augmentation from the device-resident cache
-        batch = augment_fn(jax.random.fold_in(step_rng, 0), batch, device_data)
-    dtype = train_state.PRECISIONS[config.precision]
-    images = network_inputs(
-        batch,
-        algorithm.unlabelled_views,
-        normalize_strong1=config.augment.normalize_strong1,
-        dtype=dtype,
-    )
-    steps_per_epoch = config.train.steps_per_epoch
-
-    def loss_fn(params):
-        (logits, feats), mutated = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        loss, (algo_state, metrics) = algorithm.loss_from_outputs(
-            logits=logits.astype(jnp.float32),
-            feats=None if feats is None else feats.astype(jnp.float32),
-            batch=batch,
-            state=state.algo_state,
-            epoch=step // steps_per_epoch,
-            iteration=step % steps_per_epoch,
-            cfg=config.algorithm,
-            platform=platform,
-        )
-        return loss, (mutated["batch_stats"], algo_state, metrics)
-
-    (_, (batch_stats, algo_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
-    )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["param_norm"] = optax.tree.norm(params)
-    ema_params = optim.ema_update(state.ema_params, params, config.ema.decay)
-    metrics["ema_param_norm"] = optax.tree.norm(ema_params)  # the NaN guard watches both
-    new_state = state.replace(
-        step=step + 1,
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-        ema_params=ema_params,
-        ema_batch_stats=batch_stats,  # buffers are copied, not averaged
-        algo_state=algo_state,
-    )
-    return new_state, metrics
-
-
-def make_train_step(config, model, algorithm, tx, augment_fn=None, mesh: Mesh | None = None):
-    """One step jitted alone, the state donated (benchmarks and tests; the loop runs K)."""
-    step = functools.partial(
-        train_step, model=model, algorithm=algorithm, tx=tx, config=config, augment_fn=augment_fn
-    )
-    if mesh is None:
-        return jax.jit(step, donate_argnums=(0,))
-    replicated = devices.replicated(mesh)
-    return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
-
-
 # ------------------------------------------------------------------------------- the loop
-
-
-class Preempted(SystemExit):
-    """SIGTERM stopped the run at a dispatch boundary, after a checkpoint; rerun to resume."""
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -191,251 +90,6 @@ def _param_count(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-# ------------------------------------------------------------------------------ the seeds
-
-
-def seeds_of(config: ml_collections.ConfigDict) -> list[int]:
-    """The seeds a run trains: config.seed ... config.seed + num_seeds - 1."""
-    first = int(config.seed)
-    return list(range(first, first + int(config.get("num_seeds", 1))))
-
-
-def seed_dir(workdir: str, seed: int) -> str:
-    """Where seed `seed`'s files of a several-seed run go."""
-    return os.path.join(workdir, f"seed_{seed}")
-
-
-def config_for_seed(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
-    """The config of the one-seed run that seed `seed` of `config` is."""
-    config = copy.deepcopy(config)
-    with config.unlocked():
-        config.seed = int(seed)
-        config.num_seeds = 1
-    return config
-
-
-def seed_data(data, config: ml_collections.ConfigDict, seed: int):
-    """Seed `seed`'s data: its own labelled draw (`config.data.protocol`) on `data`'s split.
-
-    `data` is the data of `config.seed`; the train/test split and the unlabelled pool are
-    kept, so every seed of a run shares them (with seeded splits, `split_lists=""`, that is the
-    split of `config.seed`). Data of another protocol (synthetic benchmark data) is shared.
-    """
-    if seed == int(config.seed) or data.protocol not in protocols.PROTOCOLS:
-        return data
-    whole = bool(config.data.get("unlabelled_whole_folder", False))
-    pool = ImagePool(
-        class_names=data.class_names,
-        train=data.train,
-        test=data.test,
-        everything=data.unlabelled if whole else None,
-        info={},
-    )
-    labelled, unlabelled = protocols.apply_protocol(pool, config.data, seed=seed)
-    if tuple(unlabelled.files) != tuple(data.unlabelled.files):
-        raise ValueError(
-            f"Seed {seed}'s unlabelled pool differs from seed {config.seed}'s; several seeds in "
-            "one program share one unlabelled pool and test set."
-        )
-    unlabelled = data.unlabelled  # the same images: held once
-    split_hash = protocols.compute_split_hash(
-        data.class_names, data.train, data.test, labelled, unlabelled
-    )
-    return dataclasses.replace(
-        data,
-        labelled=labelled,
-        unlabelled=unlabelled,
-        split_hash=split_hash,
-        info={**data.info, "seed": int(seed)},
-    )
-
-
-def stack_seeds(trees):
-    """One tree with a leading seed axis from one tree per seed."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def seed_slice(tree, index: int):
-    """Seed number `index` (0-based) of a tree with a leading seed axis."""
-    return jax.tree.map(lambda x: x[index], tree)
-
-
-@dataclasses.dataclass
-class Training:
-    """One run's compiled pieces: what the loop dispatches and how its input is made."""
-
-    config: ml_collections.ConfigDict
-    data: Any
-    setup: train_state.Setup
-    where: str  # "host" or "device": where augmentation runs
-    steps_per_dispatch: int
-    mesh: Mesh
-    program: Callable  # (state, block, device_data) -> state after K steps, state donated
-    device_data: Any  # the device-resident uint8 pools (on-device augmentation) or None
-    metric_names: list[str]
-    seeds: list[int] = dataclasses.field(default_factory=list)  # [config.seed] for one seed
-    seed_datas: list = dataclasses.field(default_factory=list)  # each seed's data (seed_data)
-
-    @property
-    def num_seeds(self) -> int:
-        return max(1, len(self.seeds))
-
-    def _index_maker(self, data, seed: int):
-        return data_lib.BatchMaker(
-            data.labelled,
-            data.unlabelled,
-            seed=int(seed),
-            batch_size=int(self.config.data.batch_size),
-            mu=int(self.config.data.mu),
-            views=self.setup.algorithm.unlabelled_views,
-            mode="indices",
-        )
-
-    def shard(self, block):
-        """A block on the devices (`dispatch.shard_block`, with the seed axis if there is one)."""
-        if self.num_seeds > 1:
-            return dispatch.shard_block(block, self.mesh, seeds=True)
-        return dispatch.shard_block(block, self.mesh)
-
-    def block_source(self, start_step: int) -> dispatch.BlockSource:
-        """Blocks of K steps from `start_step`: index blocks, or K grain host batches.
-
-        Several seeds: each step's index batches of all seeds, stacked on axis 1 of the block.
-        """
-        views = self.setup.algorithm.unlabelled_views
-        if self.where == "device" and self.num_seeds > 1:
-            pairs = zip(self.seed_datas, self.seeds, strict=True)
-            makers = [self._index_maker(d, s) for d, s in pairs]
-
-            def make_batch(step):
-                return dispatch.stack_steps([maker(step) for maker in makers])
-
-            return dispatch.BlockSource(
-                steps_per_dispatch=self.steps_per_dispatch,
-                start_step=start_step,
-                make_batch=make_batch,
-            )
-        if self.where == "device":
-            maker = self._index_maker(self.data, int(self.config.seed))
-            return dispatch.BlockSource(
-                steps_per_dispatch=self.steps_per_dispatch, start_step=start_step, make_batch=maker
-            )
-        iterator = data_lib.train_iterator(
-            self.data, self.config, views=views, start_step=start_step, mode="host"
-        )
-        return dispatch.BlockSource(
-            steps_per_dispatch=self.steps_per_dispatch, start_step=start_step, iterator=iterator
-        )
-
-
-def make_step_fn(config, setup: train_state.Setup, augment_fn=None, *, platform=None):
-    """The one generic train step bound to a run's model, algorithm, optimizer and platform."""
-    return functools.partial(
-        train_step,
-        model=setup.model,
-        algorithm=setup.algorithm,
-        tx=setup.tx,
-        config=config,
-        augment_fn=augment_fn,
-        platform=platform,
-    )
-
-
-def prepare_training(config: ml_collections.ConfigDict, data, *, platform: str | None = None):
-    """Model, optimizer, initial state (with empty metric sums) and the K-step program.
-
-    `platform` (None: jax's default) is the one platform value the model's convolutions
-    and the losses are built for.
-    """
-    platform = platform or xla_cpu.default_platform()
-    where = resolve_augment_where(config)
-    seeds = seeds_of(config)
-    if len(seeds) > 1 and where != "device":
-        raise ValueError(
-            f"config.num_seeds={len(seeds)} trains the seeds together in one program, which "
-            "needs augmentation on the device: add --config.augment.where=device (on a CPU "
-            "the default 'auto' means host), or train the seeds as separate runs."
-        )
-    setup = train_state.setup(config, len(data.class_names), platform=platform)
-    algorithm = setup.algorithm
-    k = dispatch.resolve_steps_per_dispatch(config.train, where)
-    seed_datas = [data] if len(seeds) == 1 else [seed_data(data, config, s) for s in seeds]
-    device_data, augment_fn, seed_axes = None, None, None
-    if where == "device" and len(seeds) > 1:
-        augment_fn = on_device.make_augment_fn(config, algorithm.unlabelled_views)
-        device_data, seed_axes = on_device.device_cache_seeds(seed_datas), on_device.SEED_AXES
-        one_seed_data = {  # one seed's shapes, for the step's abstract evaluation below
-            "labelled": jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), device_data["labelled"]
-            ),
-            "unlabelled": device_data["unlabelled"],
-        }
-    elif where == "device":
-        device_data, augment_fn = data_lib.device_augment_views(
-            data, config, algorithm.unlabelled_views
-        )
-    mesh = devices.make_mesh()
-    step_fn = make_step_fn(config, setup, augment_fn, platform=platform)
-    training = Training(
-        config=config,
-        data=data,
-        setup=setup,
-        where=where,
-        steps_per_dispatch=k,
-        mesh=mesh,
-        program=dispatch.make_multi_step(
-            step_fn, log_every=config.train.log_every, mesh=mesh, seed_axes=seed_axes
-        ),
-        device_data=None if device_data is None else devices.replicate(device_data, mesh),
-        metric_names=[],
-        seeds=seeds,
-        seed_datas=seed_datas,
-    )
-    training.metric_names = dispatch.metric_names(
-        step_fn,
-        setup.state,
-        _step_spec(training),
-        device_data if len(seeds) == 1 else one_seed_data,
-    )
-    empty = dispatch.empty_metric_sums(training.metric_names)
-    state = setup.state.replace(metric_sums=empty)
-    if len(seeds) > 1:
-        num_classes = len(data.class_names)
-        states = [state] + [
-            train_state.create_train_state(
-                config_for_seed(config, s), setup.model, algorithm, setup.tx, num_classes
-            ).replace(metric_sums=empty)
-            for s in seeds[1:]
-        ]
-        state = stack_seeds(states)
-    training.setup = setup._replace(state=state)
-    return training
-
-
-def _step_spec(training: Training) -> dict:
-    """Shapes and dtypes of one step's batch, without augmenting anything."""
-    views = training.setup.algorithm.unlabelled_views
-    data_cfg = training.config.data
-    maker = data_lib.BatchMaker(
-        training.data.labelled,
-        training.data.unlabelled,
-        seed=int(training.config.seed),
-        batch_size=int(data_cfg.batch_size),
-        mu=int(data_cfg.mu),
-        views=views,
-        mode="indices",
-    )
-    spec = {key: jax.ShapeDtypeStruct(v.shape, v.dtype) for key, v in maker(0).items()}
-    if training.where == "host":
-        size = int(data_cfg.crop_size)
-        for view, rows in (
-            ("x", data_cfg.batch_size),
-            *((v, data_cfg.mu * data_cfg.batch_size) for v in views),
-        ):
-            spec[view] = jax.ShapeDtypeStruct((rows, size, size, 3), np.uint8)
-    return spec
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict:
     """Trains (resuming from the latest checkpoint in `workdir`), evaluating the EMA each epoch.
 
@@ -445,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
     config_checks.validate_config(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    with WorkdirLock(workdir), _stop_on_sigterm() as stop:
+    with WorkdirLock(workdir), run_guards.stop_on_sigterm() as stop:
         return _train(config, workdir, data, stop)
 
 
@@ -626,7 +280,7 @@ def run_loop(
                 all_values = dispatch.read_metric_sums_per_seed(state.metric_sums)
             else:
                 all_values = [dispatch.read_metric_sums(state.metric_sums)]
-            _check_finite_seeds(
+            run_guards.check_finite_seeds(
                 all_values, seeds if several else None, interval_start, done, writers, manager
             )
             # The lr of the interval's last update, from the schedule inside the optimizer.
@@ -676,84 +330,12 @@ def run_loop(
         if preempted and done < t.total_steps:
             if manager is not None:
                 manager.close()
-            raise Preempted(
+            raise run_guards.Preempted(
                 f"Stopped by SIGTERM after step {done} of {t.total_steps}"
                 + (f"; checkpoint {done} written to {manager.directory}" if saved else "")
                 + ". Rerun the same command to resume exactly from there."
             )
     return state, meta
-
-
-@contextlib.contextmanager
-def _stop_on_sigterm():
-    """SIGTERM (preemption) sets a flag the loop reads at the next dispatch boundary."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum, frame):
-        print(
-            "SIGTERM received: stopping at the next dispatch boundary.", file=sys.stderr, flush=True
-        )
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-WATCHED = ("loss", "param_norm", "ema_param_norm")  # what the NaN guard checks
-
-
-def _check_finite(values, first_step, last_step, writer, manager) -> None:
-    """The NaN guard: stops the run before a non-finite state can be checkpointed.
-
-    Checks the loss and the online and EMA parameters; says which checkpoint is the last
-    good one (or that there is none) and how to continue from it with a lower learning rate.
-    """
-    _check_finite_seeds([values], None, first_step, last_step, [writer], manager)
-
-
-def _check_finite_seeds(all_values, seeds, first_step, last_step, writers, manager) -> None:
-    """The NaN guard over every seed's values (`seeds` None: one seed); names the bad seeds."""
-    bad = [
-        i
-        for i, values in enumerate(all_values)
-        if not all(math.isfinite(values[key]) for key in WATCHED if key in values)
-    ]
-    if not bad:
-        return
-    for i in bad:
-        writers[i].write("train", last_step, all_values[i])
-    found = "; ".join(
-        (f"seed {seeds[i]}: " if seeds else "")
-        + ", ".join(f"{key}={all_values[i][key]}" for key in WATCHED if key in all_values[i])
-        for i in bad
-    )
-    where = ""
-    if seeds:
-        named = ", ".join(str(seeds[i]) for i in bad)
-        where = f" in seed{'s' if len(bad) > 1 else ''} {named} (of seeds {seeds[0]}-{seeds[-1]})"
-    last = None if manager is None else manager.latest_step()
-    if last is None:
-        advice = (
-            "No checkpoint was written before this, so there is nothing to resume: lower "
-            "optim.lr (or check the data) and start again in this workdir."
-        )
-    else:
-        advice = (
-            f"The last good checkpoint is step {last} in {manager.directory} (untouched). "
-            "To continue from it with a lower learning rate, rerun with e.g. "
-            "--config.optim.lr=<lower> --config.train.resume_changes='(\"optim.lr\",)'; "
-            "the change is recorded in metrics.jsonl and config.json."
-        )
-    raise NonFiniteLossError(
-        f"Non-finite values{where} between steps {first_step} and {last_step} ({found}). {advice}"
-    )
 
 
 def _evaluate_epoch(
