@@ -51,9 +51,7 @@ def compile_variant(variant, config, model, algorithm, tx, state, batch):
         if level >= 1:
             patches.enter_context(mock.patch.object(optim, "ema_update", lambda e, p, d: e))
         if level >= 2:
-            patches.enter_context(
-                mock.patch.object(train.optax.tree, "norm", lambda tree: jnp.zeros(()))
-            )
+            patches.enter_context(mock.patch.object(optax.tree, "norm", lambda tree: jnp.zeros(())))
         if level >= 3:
             tx = optax.sgd(0.01)
             state = state.replace(opt_state=tx.init(state.params))
