@@ -39,7 +39,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks import step_throughput  # noqa: E402
 from ssl_jax import devices, metric_writers, train, xla_cpu  # noqa: E402
-from ssl_jax.data.synthetic import synthetic_dataset  # noqa: E402
 
 
 def build_parser():
@@ -80,12 +79,7 @@ def _step_of(state) -> int:
 
 def run(args) -> dict:
     config = make_config(args)
-    data = synthetic_dataset(
-        num_classes=args.classes,
-        num_unlabelled=args.images,
-        num_labelled=max(4 * args.classes, args.batch),
-        seed=args.seed,
-    )
+    data = step_throughput.synthetic_data(args)
     training = train.prepare_training(config, data)
     state = devices.replicate(training.setup.state, training.mesh)
     k = training.steps_per_dispatch
@@ -147,14 +141,7 @@ def run(args) -> dict:
         "program_ms_rounds": [round(x, 4) for x in program_ms],
         "img_per_s_loop": round(1e3 * images / loop_med, 1),
         "compile_s": round(compile_s, 2),
-        "algorithm": args.algorithm,
-        "model": args.model,
-        "width": args.width,
-        "batch": args.batch,
-        "mu": args.mu,
-        "images_per_step": images,
-        "precision": args.precision,
-        "augment": args.augment,
+        **step_throughput.shape_fields(args, images),
         "steps": args.steps,
         "rounds": args.rounds,
         **step_throughput.device_info(),

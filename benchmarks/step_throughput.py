@@ -108,17 +108,36 @@ def device_info() -> dict:
     }
 
 
-def setup(args):
-    """(config, algorithm, data, model, tx, state) for the options in `args`."""
-    config = make_config(args)
-    data = synthetic_dataset(
+def synthetic_data(args):
+    """Random uint8 images of --classes classes: the cost of a step does not depend on content."""
+    return synthetic_dataset(
         num_classes=args.classes,
         num_unlabelled=args.images,
         num_labelled=max(4 * args.classes, args.batch),
         seed=args.seed,
     )
+
+
+def setup(args):
+    """(config, algorithm, data, model, tx, state) for the options in `args`."""
+    config = make_config(args)
+    data = synthetic_data(args)
     model, algorithm, tx, _, state = train_state.setup(config, args.classes)
     return config, algorithm, data, model, tx, state
+
+
+def shape_fields(args, images_per_step: int) -> dict:
+    """What was timed, as every benchmark of this folder reports it."""
+    return {
+        "algorithm": args.algorithm,
+        "model": args.model,
+        "width": args.width,
+        "batch": args.batch,
+        "mu": args.mu,
+        "images_per_step": images_per_step,
+        "precision": args.precision,
+        "augment": args.augment,
+    }
 
 
 def run(args) -> dict:
@@ -167,14 +186,7 @@ def run(args) -> dict:
     images = train_state.images_per_step(config, algorithm)
     median = statistics.median(times)
     result = {
-        "algorithm": args.algorithm,
-        "model": args.model,
-        "width": args.width,
-        "batch": args.batch,
-        "mu": args.mu,
-        "images_per_step": images,
-        "precision": args.precision,
-        "augment": args.augment,
+        **shape_fields(args, images),
         "workers": args.workers if args.augment == "host" else None,
         "compile_s": round(compile_s, 3),
         "ms_per_step_median": round(1e3 * median, 3),

@@ -430,20 +430,3 @@ def draw_figures(workdir, out_dir, config, cm, class_names, arrays, step) -> lis
         )
     )
     return [os.path.basename(p) for p in drawn if p]
-
-
-# ------------------------------------------------------------------------------ prediction
-
-# Prediction lives in ssl_jax.predict (which imports this module); its names stay reachable here
-# (`evaluate.predict_workdir`), imported on first use so that neither import is circular.
-_PREDICT_NAMES = (
-    "TOP_K", "choose_seed", "find_images", "load_prediction_images", "predict_workdir",
-)  # fmt: skip
-
-
-def __getattr__(name: str):
-    if name in _PREDICT_NAMES:
-        from ssl_jax import predict
-
-        return getattr(predict, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

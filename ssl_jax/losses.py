@@ -26,7 +26,6 @@ from ssl_jax.triplet import (  # noqa: F401  (moved to ssl_jax/triplet.py; re-ex
     default_triplet_anchor_block,
     semihard_triplet_loss,
     semihard_triplet_loss_from_similarity,
-    semihard_triplet_masks,
     triplet_method,
 )
 

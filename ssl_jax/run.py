@@ -165,9 +165,9 @@ def main(
 
         return run_inspect(config, workdir)
     if mode == "predict":
-        from ssl_jax import evaluate
+        from ssl_jax import predict
 
-        result = evaluate.predict_workdir(workdir, config, explicit=overrides)
+        result = predict.predict_workdir(workdir, config, explicit=overrides)
         print(json.dumps(result), flush=True)
         return result
     raise ValueError(f"Unknown mode {mode!r}; expected one of {MODES}.")

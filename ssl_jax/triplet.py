@@ -9,7 +9,6 @@ the public names. Similarity matmuls request ``Precision.HIGHEST`` (see `ssl_jax
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -69,16 +68,6 @@ def _anchor_triplets(
     )
     # Evaluated in the reference's order.
     return masks, jax.nn.relu(sim_an - sim_ap + margin)
-
-
-def semihard_triplet_masks(
-    *, similarity: jax.Array, labels: jax.Array, margin: float
-) -> TripletMasks:
-    """docs/method.md#triplet-loss miner on a similarity matrix (larger = closer), as fixed-shape
-    (B, B, B) masks."""
-    positive_pair, negative = _triplet_pairs(labels)
-    anchor_triplets = functools.partial(_anchor_triplets, margin=margin)
-    return jax.vmap(anchor_triplets)(similarity, positive_pair, negative)[0]
 
 
 def semihard_triplet_loss(

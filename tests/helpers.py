@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssl_jax import triplet
 from ssl_jax.algorithms.base import AlgorithmState
 
 
@@ -30,3 +34,10 @@ def state_from_reference(
 def da_history(state: AlgorithmState) -> np.ndarray:
     """CoMatch's DA history as the reference's oldest-first list, shape (len, C)."""
     return np.asarray(state["prob_hist"])[: int(state["prob_hist_len"])]
+
+
+def semihard_triplet_masks(*, similarity, labels, margin):
+    """The miner's fixed-shape (B, B, B) masks on a similarity matrix (larger = closer)."""
+    positive_pair, negative = triplet._triplet_pairs(labels)
+    anchor_triplets = functools.partial(triplet._anchor_triplets, margin=margin)
+    return jax.vmap(anchor_triplets)(similarity, positive_pair, negative)[0]

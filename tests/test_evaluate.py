@@ -20,7 +20,7 @@ from PIL import Image
 
 import launch
 from ssl_jax import checkpoint as checkpoint_lib
-from ssl_jax import evaluate, inference, metric_writers, retrieval, run
+from ssl_jax import evaluate, inference, metric_writers, predict, retrieval, run
 from ssl_jax.data import DataError
 from ssl_jax.data.augment_spec import CROP_SIZE
 
@@ -255,7 +255,7 @@ def test_evaluation_and_prediction_use_the_runs_crop_size(
     shapes.clear()
     cli.predict.input = str(shared_data / "ucm" / "freeway" / "freeway00.png")
     cli.predict.output = str(tmp_path / "out.csv")
-    assert evaluate.predict_workdir(str(copy), cli)["num_images"] == 1
+    assert predict.predict_workdir(str(copy), cli)["num_images"] == 1
     assert shapes and set(shapes) == {(56, 56, 3)}
 
 
@@ -333,7 +333,7 @@ def test_predict_classifies_the_original_tifs(trained, shared_data, tmp_path):
     cli = tiny_config(config.data.cache_dir)
     cli.predict.input = str(shared_data / "originals" / "ucm")
     cli.predict.output = str(tmp_path / "out.csv")
-    summary = evaluate.predict_workdir(str(workdir), cli)
+    summary = predict.predict_workdir(str(workdir), cli)
     assert summary["num_images"] == 20 and summary["num_in_class_folders"] == 20
     with open(tmp_path / "out.csv") as f:
         rows = list(csv.DictReader(f))
@@ -359,7 +359,7 @@ def test_predict_matches_evaluation_on_test_images(trained, shared_data, tmp_pat
         shutil.copy(shared_data / "ucm" / files[i], target)
     cli = tiny_config(config.data.cache_dir)
     cli.predict.input = str(tmp_path / "in")
-    evaluate.predict_workdir(str(workdir), cli)
+    predict.predict_workdir(str(workdir), cli)
     with open(workdir / "predictions.csv") as f:
         rows = {r["file"].split("/in/")[-1]: r for r in csv.DictReader(f)}
     for i in chosen:
@@ -383,7 +383,7 @@ def test_predict_lists_every_unreadable_image(trained, shared_data, tmp_path):
     cli = tiny_config(config.data.cache_dir)
     cli.predict.input = str(folder)
     with pytest.raises(DataError, match=r"2 of 3 image\(s\)") as err:
-        evaluate.predict_workdir(str(workdir), cli)
+        predict.predict_workdir(str(workdir), cli)
     assert "junk.png" in str(err.value) and "cut.tif" in str(err.value)
     assert "good.png" not in str(err.value)
 
@@ -391,19 +391,19 @@ def test_predict_lists_every_unreadable_image(trained, shared_data, tmp_path):
     (folder / "scan.bmp").write_bytes(b"BM")
     (folder / "nested" / "photo.webp").write_bytes(b"RIFF")
     with pytest.raises(DataError, match=r"2 file\(s\) in --config.predict.input") as err:
-        evaluate.predict_workdir(str(workdir), cli)
+        predict.predict_workdir(str(workdir), cli)
     assert "scan.bmp" in str(err.value) and "photo.webp" in str(err.value)
     assert "does not read (.bmp, .webp" in str(err.value)
     cli.predict.input = str(folder / "scan.bmp")
     with pytest.raises(DataError, match=r"1 file\(s\) in .*scan.bmp"):
-        evaluate.predict_workdir(str(workdir), cli)
+        predict.predict_workdir(str(workdir), cli)
 
     cli.predict.input = ""
     with pytest.raises(DataError, match="needs --config.predict.input"):
-        evaluate.predict_workdir(str(workdir), cli)
+        predict.predict_workdir(str(workdir), cli)
     cli.predict.input = str(tmp_path / "nowhere")
     with pytest.raises(DataError, match="does not exist"):
-        evaluate.predict_workdir(str(workdir), cli)
+        predict.predict_workdir(str(workdir), cli)
 
 
 def test_tsne_perplexity_is_clipped_for_tiny_sets(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from conftest import tiny_run_config
 
 from ssl_jax import checkpoint as checkpoint_lib
-from ssl_jax import dispatch, evaluate, metric_writers, report, train
+from ssl_jax import dispatch, evaluate, metric_writers, predict, report, train
 from ssl_jax.data.synthetic import synthetic_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -177,13 +177,13 @@ def test_predict_uses_the_best_seed_unless_one_is_chosen(runs, tmp_path):
     best = max(top1, key=lambda s: (top1[s], -s))
     config = checkpoint_lib.load_saved_config(str(two))
     config.predict.input = str(folder)
-    summary = evaluate.predict_workdir(str(two), config)
+    summary = predict.predict_workdir(str(two), config)
     assert summary["seed"] == best and "best by EMA top-1" in summary["seed_choice"]
     config.predict.seed = 1 - best
-    assert evaluate.predict_workdir(str(two), config)["seed"] == 1 - best
+    assert predict.predict_workdir(str(two), config)["seed"] == 1 - best
     config.predict.seed = 7
     with pytest.raises(checkpoint_lib.CheckpointError, match="not a seed of this run"):
-        evaluate.predict_workdir(str(two), config)
+        predict.predict_workdir(str(two), config)
 
 
 def test_host_augmentation_refuses_several_seeds():

@@ -89,10 +89,7 @@ STREAMS = {
 
 def view_fn(view: str, params: AugmentParams = DEFAULT_PARAMS):
     """(key, image, size_hw) -> the view `view` (a STREAMS name) under `params`."""
-    kwargs = {"crop_size": params.crop_size}
-    if view == views.STRONG0:
-        kwargs.update(n=params.randaugment_n, m=params.randaugment_m, cutout=params.cutout)
-    return functools.partial(STREAMS[view], **kwargs)
+    return functools.partial(STREAMS[view], **params.view_kwargs(view))
 
 
 def augment_batch(

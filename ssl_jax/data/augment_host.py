@@ -355,7 +355,4 @@ STREAMS: dict[str, Callable[..., np.ndarray]] = {
 
 def view_fn(view: str, params: AugmentParams = DEFAULT_PARAMS):
     """(uint8 image, numpy Generator) -> the view `view` under `params`; picklable."""
-    kwargs = {"crop_size": params.crop_size}
-    if view == views.STRONG0:
-        kwargs.update(n=params.randaugment_n, m=params.randaugment_m, cutout=params.cutout)
-    return functools.partial(STREAMS[view], **kwargs)
+    return functools.partial(STREAMS[view], **params.view_kwargs(view))

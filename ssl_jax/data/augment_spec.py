@@ -12,6 +12,8 @@ import dataclasses
 import types
 from collections.abc import Callable
 
+from ssl_jax.data import views
+
 CROP_SIZE = 60  # the reference's crop; `config.data.crop_size` overrides it
 CUTOUT_FILL = (127, 127, 127)
 
@@ -99,6 +101,13 @@ class AugmentParams:
             randaugment_m=int(config.augment.randaugment_m),
             cutout=int(config.augment.cutout),
         )
+
+    def view_kwargs(self, view: str) -> dict:
+        """The keyword arguments of view `view`'s stream function, on either backend."""
+        kwargs = {"crop_size": self.crop_size}
+        if view == views.STRONG0:
+            kwargs.update(n=self.randaugment_n, m=self.randaugment_m, cutout=self.cutout)
+        return kwargs
 
 
 DEFAULT_PARAMS = AugmentParams()  # the reference's settings (configs/base.py)
