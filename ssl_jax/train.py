@@ -25,7 +25,6 @@ import math
 import os
 import sys
 import time
-import types
 
 import jax
 import ml_collections
@@ -297,17 +296,10 @@ def run_loop(
         if epoch_end and evaluate:
             top1s = []
             for i in range(len(seeds)):
-                ema = (
-                    state
-                    if not several
-                    else types.SimpleNamespace(
-                        ema_params=seed_slice(state.ema_params, i),
-                        ema_batch_stats=seed_slice(state.ema_batch_stats, i),
-                    )
-                )
+                ema = (state.ema_params, state.ema_batch_stats)
                 top1s.append(
                     evaluate_epoch(
-                        ema,
+                        *(seed_slice(ema, i) if several else ema),
                         done,
                         data=datas[i],
                         writer=writers[i],
@@ -339,7 +331,18 @@ def run_loop(
 
 
 def _evaluate_epoch(
-    state, done, *, model, data, config, writer, meta, workdir, embed_epochs, label=""
+    ema_params,
+    ema_batch_stats,
+    done,
+    *,
+    model,
+    data,
+    config,
+    writer,
+    meta,
+    workdir,
+    embed_epochs,
+    label="",
 ):
     """EMA evaluation at an epoch end (docs/method.md#evaluation): logs top-1/5, best and mean of
     the last N."""
@@ -347,8 +350,8 @@ def _evaluate_epoch(
     epoch = math.ceil(done / t.steps_per_epoch)
     result, arrays = inference.evaluate(
         model,
-        state.ema_params,
-        state.ema_batch_stats,
+        ema_params,
+        ema_batch_stats,
         data_lib.test_batches(
             data.test, config.data.eval_batch_size, crop_size=config.data.crop_size
         ),
