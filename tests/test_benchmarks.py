@@ -50,6 +50,7 @@ def run_json(*command: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.heavy(25)
 def test_step_throughput_runs_without_tfds_and_reports_json(tmp_path):
     result = run_json(
         "-c",
@@ -91,6 +92,7 @@ def test_sweep_table_reports_failures_instead_of_dropping_them():
     assert "no_such_algorithm" in table and "failed:" in table
 
 
+@pytest.mark.heavy(40)
 def test_step_breakdown_times_every_variant():
     result = run_json(
         "benchmarks/step_breakdown.py",
@@ -139,6 +141,7 @@ LOOP_KEYS = {
 }
 
 
+@pytest.mark.heavy(35)
 def test_loop_throughput_times_the_real_loop_and_the_program_alone():
     result = run_json(
         "benchmarks/loop_throughput.py",
@@ -154,4 +157,7 @@ def test_loop_throughput_times_the_real_loop_and_the_program_alone():
     assert LOOP_KEYS <= result.keys()
     assert result["steps_per_dispatch"] == 4 and result["augment"] == "device"
     assert len(result["loop_ms_rounds"]) == len(result["program_ms_rounds"]) == 2
+    assert len(result["host_only_ms_rounds"]) == 2
     assert result["ms_per_step_loop"] > 0 and result["ms_per_step_program"] > 0
+    # The host's own work (an empty program in the same loop) is a part of the whole loop.
+    assert 0 < result["host_only_ms_per_step"] < result["ms_per_step_loop"]
