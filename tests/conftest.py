@@ -25,6 +25,27 @@ os.environ.setdefault(
 xla_cpu.prefer_eigen_convolutions()
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "heavy(seconds): one of the suite's longest tests, with its rough time on 2 cores; "
+        "scheduled first, longest first",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first (a stable sort: equals keep their order), so that the two
+    pytest-xdist workers of README's test command finish together instead of one of them
+    starting a long test at the end. Mark whole modules or tests without module fixtures:
+    moving a test away from its module would set that module's fixtures up twice."""
+
+    def seconds(item):
+        heavy = item.get_closest_marker("heavy")
+        return heavy.args[0] if heavy else 0
+
+    items.sort(key=lambda item: -seconds(item))
+
+
 DATA_ENV = "SSL_JAX_DATA"
 DEFAULT_DATA = REPO.parent / "shared" / "data"  # beside the checkout, as on dev machines and CI
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from configs import base, demo
@@ -56,6 +57,7 @@ def test_demo_config_points_at_the_sample():
     assert smoke.data.root == config.data.root
 
 
+@pytest.mark.heavy(40)
 def test_demo_smoke_trains_evaluates_and_draws_every_figure(tmp_path):
     # The step counts of the tests' tiny runs (conftest.tiny_run_config): the demo's model,
     # batch and method are those of the tiny CoMatch+Triplet run, so the two share their

@@ -111,6 +111,7 @@ def test_k_step_training_matches_one_step_per_dispatch_host(triplet_run, tmp_pat
     _assert_same_training(runs, TRIPLET_KEYS, [2, 4, 6, 8])
 
 
+@pytest.mark.heavy(30)
 def test_k_step_training_matches_one_step_per_dispatch_device(
     tmp_path, decoded_cache, less_optimized
 ):

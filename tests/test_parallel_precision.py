@@ -10,6 +10,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import base
 from ssl_jax import devices, train, train_state
@@ -42,6 +43,7 @@ def run_steps(config, algorithm, model, tx, state, batches, n, mesh=None):
     return state, history
 
 
+@pytest.mark.heavy(20)
 def test_bf16_keeps_state_and_losses_float32_and_tracks_float32():
     runs = {}
     for precision in ("float32", "bf16"):
@@ -92,6 +94,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.heavy(35)
 def test_four_device_data_parallel_step_equals_single_device():
     script = MULTI_DEVICE_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"))
     env = dict(

@@ -117,6 +117,7 @@ def _poison_from_step(monkeypatch, first_bad_step):
     )
 
 
+@pytest.mark.heavy(25)
 def test_non_finite_loss_stops_the_run_names_the_last_good_checkpoint_and_can_continue(
     tmp_path, decoded_cache, monkeypatch, less_optimized
 ):
@@ -195,6 +196,7 @@ def _finish(proc, timeout=600):
     return proc.returncode, stderr
 
 
+@pytest.mark.heavy(50)
 def test_sigkill_or_sigterm_then_rerun_matches_uninterrupted_and_a_second_run_is_refused(
     tmp_path, decoded_cache
 ):
@@ -293,6 +295,7 @@ def test_resume_fills_config_keys_added_since_with_their_defaults(tmp_path):
         checkpoint_lib.check_config_compatible(config, str(tmp_path))
 
 
+@pytest.mark.heavy(15)
 @pytest.mark.parametrize(
     "name", ["ucm10_fixmatch", "ucm10_fixmatch_ccssl", "ucm10_comatch", "ucm10_ccssl_od"]
 )

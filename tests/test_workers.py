@@ -169,6 +169,7 @@ def test_workers_and_shared_memory_go_when_the_run_is_killed(worker_run):
         )
 
 
+@pytest.mark.heavy(15)
 def test_a_run_that_ends_leaves_nothing_and_warns_nothing(worker_run):
     """Read to the end and closed; left open with batches in flight; an exception; Ctrl-C."""
     scripts = {"to_end": "to_end", "in_flight": "exit", "exception": "exception", "sigint": "wait"}
