@@ -57,9 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the split of config.seed. Each seed's files go to <workdir>/seed_<s>/; one checkpoint
     # holds the stacked state. Measure the gain: benchmarks/loop_throughput.py --seeds N.
     # Per-seed weights make vmapped convolutions grouped convolutions: on the 2-core CPU one
-    # N = 2 program was slower than two runs one after another (one loaded measurement, not
-    # yet repeated); there, run seeds as separate workdirs (--config.seed=s) and group them
-    # with `python -m ssl_jax.report`, which treats both layouts alike.
+    # program of N = 2 / 4 seeds ran at 0.87x / 0.83x the speed of the same seeds trained one
+    # after another (benchmarks/RESULTS.md); there, run seeds as separate workdirs
+    # (--config.seed=s) and group them with `python -m ssl_jax.report`, which treats both
+    # layouts alike.
     config.num_seeds = 1
     # float32 | bf16: bf16 computes the network in bfloat16; parameters, optimizer state,
     # BatchNorm statistics, softmaxes, the memory bank and all loss math stay float32.
