@@ -25,8 +25,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Behaviour, and numbers compared only between programs built here (N seeds against one):
 # XLA's optimisations mostly off compile these programs several times faster
 # (conftest.less_optimized_compiles). The module's tests share its runs, so they are one
-# xdist group, meant to stay on one worker; with pytest-xdist 3.8 the group did not take
-# effect (no "@seeds" in the node ids, the runs built on both workers): still to be fixed.
+# xdist group and stay on one worker (with pytest < 9: see pyproject.toml).
 pytestmark = [
     pytest.mark.usefixtures("less_optimized_module"),
     pytest.mark.xdist_group("seeds"),
