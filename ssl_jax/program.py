@@ -20,12 +20,12 @@ from ssl_jax import data as data_lib
 from ssl_jax import (
     devices,
     dispatch,
+    loop_convolutions,
     train_state,
     xla_cpu,
 )
 from ssl_jax.data import on_device
 from ssl_jax.seeds import (
-    config_for_seed,
     seed_data,
     seeds_of,
     stack_seeds,
@@ -129,7 +129,9 @@ def prepare_training(config: ml_collections.ConfigDict, data, *, platform: str |
             "needs augmentation on the device: add --config.augment.where=device (on a CPU "
             "the default 'auto' means host), or train the seeds as separate runs."
         )
-    setup = train_state.setup(config, len(data.class_names), platform=platform)
+    # With several seeds their initial states are made together below (one compiled program).
+    num_classes = len(data.class_names)
+    setup = train_state.setup(config, num_classes, platform=platform, abstract=len(seeds) > 1)
     algorithm = setup.algorithm
     k = dispatch.resolve_steps_per_dispatch(config.train, where)
     seed_datas = [data] if len(seeds) == 1 else [seed_data(data, config, s) for s in seeds]
@@ -149,6 +151,8 @@ def prepare_training(config: ml_collections.ConfigDict, data, *, platform: str |
         )
     mesh = devices.make_mesh()
     step_fn = make_step_fn(config, setup, augment_fn, platform=platform)
+    if platform == "cpu":  # XLA:CPU's scan bodies run autodiff's convolutions slowly otherwise
+        step_fn = loop_convolutions.canonical_convolutions(step_fn)
     training = Training(
         config=config,
         data=data,
@@ -173,12 +177,11 @@ def prepare_training(config: ml_collections.ConfigDict, data, *, platform: str |
     empty = dispatch.empty_metric_sums(training.metric_names)
     state = setup.state.replace(metric_sums=empty)
     if len(seeds) > 1:
-        num_classes = len(data.class_names)
-        states = [state] + [
-            train_state.create_train_state(
-                config_for_seed(config, s), setup.model, algorithm, setup.tx, num_classes
-            ).replace(metric_sums=empty)
-            for s in seeds[1:]
+        states = [
+            each.replace(metric_sums=empty)
+            for each in train_state.create_train_states(
+                config, setup.model, algorithm, setup.tx, num_classes, seeds
+            )
         ]
         state = stack_seeds(states)
     training.setup = setup._replace(state=state)
