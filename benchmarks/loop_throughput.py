@@ -66,9 +66,11 @@ def make_config(args):
             f"--steps ({args.steps}) and --warmup ({args.warmup}) must be multiples "
             f"of --steps-per-dispatch ({k})."
         )
-    # Every step the loop takes (compile call, warm-up, timed and host-only windows): the
-    # host pipeline's iterator is as long as the run, the device sampler endless.
-    total = args.warmup + k + args.rounds * (1 + HOST_ONLY_WINDOWS) * args.steps
+    # Every step the loop takes (compile call, warm-up, timed and host-only windows, and the
+    # block each call of the loop makes ahead): the host pipeline's iterator is as long as
+    # the run, the device sampler endless.
+    calls = 3 + 2 * args.rounds
+    total = args.warmup + k + args.rounds * (1 + HOST_ONLY_WINDOWS) * args.steps + calls * k
     config.train.steps_per_dispatch = k
     config.train.log_every = args.steps  # one read of the metric sums per timed window
     config.train.steps_per_epoch = config.train.checkpoint_every = args.steps * max(

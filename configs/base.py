@@ -171,6 +171,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 0 = automatic: the largest K that divides all four and is at most 64 with on-device
     # augmentation (a block is a few kB of sample indices) or 8 with host augmentation (a
     # block holds K augmented batches). Any K trains the same function (ssl_jax/dispatch.py).
+    # On a CPU the scan body's convolutions are rewritten into XLA:CPU's canonical order
+    # (ssl_jax/loop_convolutions.py): inside a loop XLA:CPU otherwise runs autodiff's gradient
+    # convolutions ~30x slower than in a step jitted alone.
     train.steps_per_dispatch = 0
     train.keep_checkpoints = 3  # the latest N are kept, plus the best by EMA top-1
     # "Mean top-1 acc": mean of the last N evaluations (docs/method.md#evaluation)
