@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the split of config.seed. Each seed's files go to <workdir>/seed_<s>/; one checkpoint
     # holds the stacked state. Measure the gain: benchmarks/loop_throughput.py --seeds N.
     # Per-seed weights make vmapped convolutions grouped convolutions: on the 2-core CPU one
-    # program of N = 2 / 4 seeds ran at 0.87x / 0.83x the speed of the same seeds trained one
+    # program of N = 2 / 4 seeds ran at 0.82x / 0.96x the speed of the same seeds trained one
     # after another (benchmarks/RESULTS.md); there, run seeds as separate workdirs
     # (--config.seed=s) and group them with `python -m ssl_jax.report`, which treats both
     # layouts alike.
@@ -173,7 +173,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # block holds K augmented batches). Any K trains the same function (ssl_jax/dispatch.py).
     # On a CPU the scan body's convolutions are rewritten into XLA:CPU's canonical order
     # (ssl_jax/loop_convolutions.py): inside a loop XLA:CPU otherwise runs autodiff's gradient
-    # convolutions ~30x slower than in a step jitted alone.
+    # convolutions up to ~36x slower than in a step jitted alone.
     train.steps_per_dispatch = 0
     train.keep_checkpoints = 3  # the latest N are kept, plus the best by EMA top-1
     # "Mean top-1 acc": mean of the last N evaluations (docs/method.md#evaluation)

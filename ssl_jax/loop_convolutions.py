@@ -6,15 +6,16 @@ batch, e.g. ``f01b_i01o->01bf``). Outside loops XLA:CPU rewrites every convoluti
 ``NHWC x HWIO -> NHWC`` with explicit transposes and hands it to its Eigen library; inside a
 while loop's body (the `jax.lax.scan` of `ssl_jax.dispatch`) it does not, and runs them
 with its generic loop emitter instead (jax-ml/jax#12868, still open). Measured on the
-2-core development CPU (2026-12-02), one CoMatch+Triplet step of ResNet-18, B 8, mu 2:
-0.38 s jitted alone, 13.1 s as the body of a one-step scan, 0.37 s as the body of a
-one-step scan after `canonical_convolutions`; a 1/16-width model 32 ms, 77 ms, back to
-the first; the rewrite also compiles faster (8 s instead of 24 s at full width).
+2-core development CPU (2026-12-02, `benchmarks/scan_convolutions.py`, benchmarks/RESULTS.md),
+one CoMatch+Triplet step of ResNet-18, B 8, mu 2: 376 ms jitted alone, 13.5 s as the body of
+a one-step scan, 385 ms as that body after `canonical_convolutions`; at 1/16 width 44 ms,
+67 ms and 32 ms.
 
 `canonical_convolutions(fn)` is `fn` with every convolution (at any depth of nested jitted
 calls) written in that canonical order, transposes made explicit: the same arithmetic XLA
 does outside loops, so the values match a step jitted alone. Only programs built for the
-CPU use it (`ssl_jax.program`); other platforms' compilers canonicalise inside loops.
+CPU use it (`ssl_jax.program`); programs for other platforms are left as autodiff wrote
+them (XLA:GPU assigns cuDNN's layouts itself; not measured here, no GPU has been lent).
 """
 
 from __future__ import annotations
