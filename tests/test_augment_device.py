@@ -293,7 +293,6 @@ def stream_samples(images, cache):
     return out
 
 
-@pytest.mark.xdist_group("augment_streams")  # one worker draws the module's samples
 @pytest.mark.parametrize("stream", list(ah.STREAMS))
 def test_stream_statistics_match_host(stream, stream_samples):
     """Per-channel mean and spread of the views agree within sampling noise (5 sigma)."""

@@ -99,7 +99,6 @@ def _assert_same_training(runs, keys, logged_steps):
     assert evals[0] == evals[1]
 
 
-@pytest.mark.xdist_group("triplet_run")  # one worker builds the session's run
 def test_k_step_training_matches_one_step_per_dispatch_host(triplet_run, tmp_path):
     """K = 2 logs what K = 1 logs, host augmentation: same data order, same augmentation, same
     losses. CoMatch+Triplet carries a memory bank and a DA history. K = 2 is the session's

@@ -24,10 +24,6 @@ from ssl_jax import evaluate, inference, metric_writers, predict, retrieval, run
 from ssl_jax.data import DataError
 from ssl_jax.data.augment_spec import CROP_SIZE
 
-# One worker builds the session's tiny CoMatch+Triplet run and this module's evaluation
-# of it (README's test command runs two workers).
-pytestmark = pytest.mark.xdist_group("triplet_run")
-
 UCM10 = importlib.import_module("configs.base").UCM10_CLASSES
 
 

@@ -14,10 +14,6 @@ from conftest import tiny_run_config
 
 from ssl_jax import evaluate, metric_writers, report
 
-# One worker builds the session's tiny supervised run and this module's second seed
-# (README's test command runs two workers).
-pytestmark = pytest.mark.xdist_group("supervised_run")
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

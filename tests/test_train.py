@@ -27,7 +27,6 @@ def records(workdir, kind):
     return [r for r in metric_writers.read_metrics(str(workdir)) if r["kind"] == kind]
 
 
-@pytest.mark.xdist_group("supervised_run")  # one worker builds the session's run
 def test_supervised_run_logs_checkpoints_and_evaluates(supervised_run, tmp_path):
     """The tiny supervised run (conftest.supervised_run, trained once per session)."""
     run_dir, meta = supervised_run.workdir, supervised_run.meta
@@ -62,7 +61,6 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.xdist_group("triplet_run")  # one worker builds the session's run
 def test_comatch_triplet_resume_is_bit_identical(triplet_run, tmp_path, monkeypatch):
     """An interrupted run, resumed, logs exactly the losses of an uninterrupted one (the
     session's tiny CoMatch+Triplet run, conftest.triplet_run)."""
@@ -255,7 +253,6 @@ def test_sigkill_or_sigterm_then_rerun_matches_uninterrupted_and_a_second_run_is
         assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
 
 
-@pytest.mark.xdist_group("supervised_run")
 def test_resume_refuses_data_that_changed_since_the_checkpoint(
     supervised_run, tmp_path, monkeypatch
 ):
