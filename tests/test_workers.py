@@ -215,6 +215,7 @@ def test_workers_outlive_the_thread_that_started_them(monkeypatch):
     def consume():
         result["first"] = [next(iterator) for _ in range(3)]
         result["workers"] = sorted(p.pid for p in multiprocessing.active_children())
+        result["starters"] = list(starters)  # this iterator's; other threads may start more later
         iterator.set_state(iterator.get_state())  # ends the threads that started the workers
         time.sleep(1.0)
         result["after"] = sorted(p.pid for p in multiprocessing.active_children())
@@ -225,8 +226,9 @@ def test_workers_outlive_the_thread_that_started_them(monkeypatch):
     thread.join(timeout=120)
     try:
         assert not thread.is_alive(), "the iterator hung after set_state"
-        assert len(starters) == 2 and all(t is not threading.main_thread() for t in starters)
-        assert not any(t.is_alive() for t in starters)  # the starting threads have ended ...
+        ours = result["starters"]
+        assert len(ours) == 2 and all(t is not threading.main_thread() for t in ours), starters
+        assert not any(t.is_alive() for t in ours)  # the starting threads have ended ...
         assert len(result["workers"]) >= 2 and result["after"] == result["workers"]  # ... not so
         got = result["first"] + result["rest"]
         assert len(got) == len(reference) == 8
