@@ -17,7 +17,7 @@ import pytest
 from conftest import tiny_run_config
 
 from ssl_jax import checkpoint as checkpoint_lib
-from ssl_jax import dispatch, evaluate, metric_writers, predict, report, train
+from ssl_jax import dispatch, evaluate, metric_writers, predict, report, train, train_state
 from ssl_jax.data.synthetic import synthetic_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -194,6 +194,30 @@ def test_predict_uses_the_best_seed_unless_one_is_chosen(runs, tmp_path):
     config.predict.seed = 7
     with pytest.raises(checkpoint_lib.CheckpointError, match="not a seed of this run"):
         predict.predict_workdir(str(two), config)
+
+
+def test_initial_states_of_several_seeds_come_from_one_program(monkeypatch):
+    """`create_train_states` compiles the initial state once for every seed; seed s's state is
+    the one `create_train_state` makes for config.seed = s, and seeds differ."""
+    config = tiny_run_config("ucm10_triplet", "")
+    setup = train_state.setup(config, 10, abstract=True)
+    compiles = []
+    compile_ = jax.stages.Lowered.compile
+    monkeypatch.setattr(
+        jax.stages.Lowered, "compile", lambda self, *a: compiles.append(a) or compile_(self, *a)
+    )
+    args = (config, setup.model, setup.algorithm, setup.tx, 10)
+    states = train_state.create_train_states(*args, [3, 4])
+    assert compiles == [(train_state.RUN_ONCE_COMPILER_OPTIONS,)]
+    config.seed = 4
+    alone = train_state.create_train_state(*args)
+    for a, b in zip(jax.tree.leaves(states[1]), jax.tree.leaves(alone), strict=True):
+        np.testing.assert_array_equal(a, b)
+    kernel = [s.params["classifier"]["kernel"] for s in states]
+    assert not np.array_equal(kernel[0], kernel[1])  # each seed its own initialisation
+    assert np.array_equal(
+        states[0].params["classifier"]["kernel"], states[0].ema_params["classifier"]["kernel"]
+    )
 
 
 def test_host_augmentation_refuses_several_seeds():
