@@ -175,15 +175,13 @@ def prepare_training(config: ml_collections.ConfigDict, data, *, platform: str |
         device_data if len(seeds) == 1 else one_seed_data,
     )
     empty = dispatch.empty_metric_sums(training.metric_names)
-    state = setup.state.replace(metric_sums=empty)
     if len(seeds) > 1:
-        states = [
-            each.replace(metric_sums=empty)
-            for each in train_state.create_train_states(
-                config, setup.model, algorithm, setup.tx, num_classes, seeds
-            )
-        ]
-        state = stack_seeds(states)
+        states = train_state.create_train_states(
+            config, setup.model, algorithm, setup.tx, num_classes, seeds
+        )
+        state = stack_seeds([each.replace(metric_sums=empty) for each in states])
+    else:
+        state = setup.state.replace(metric_sums=empty)
     training.setup = setup._replace(state=state)
     return training
 
