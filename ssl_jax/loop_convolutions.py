@@ -83,12 +83,29 @@ def _evaluate(jaxpr, consts, *args):
     return [read(var) for var in jaxpr.outvars]
 
 
+_TRACES_KEPT = 4
+
+
+def _shape_dtype(x) -> tuple:
+    aval = jax.typeof(x)
+    return aval.shape, aval.dtype, aval.weak_type
+
+
 def canonical_convolutions(fn: Callable) -> Callable:
     """`fn` (array pytrees in and out) with its convolutions in XLA:CPU's canonical order."""
 
+    traced = {}  # the last few traces, by argument structure and types: tracing is costly
+
     def rewritten(*args):
-        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-        outputs = _evaluate(closed.jaxpr, closed.consts, *jax.tree.leaves(args))
+        leaves, treedef = jax.tree.flatten(args)
+        # Not the avals' shardings: the names of the mesh's automatic axes change no trace.
+        key = (treedef, tuple(_shape_dtype(leaf) for leaf in leaves))
+        if key not in traced:
+            if len(traced) >= _TRACES_KEPT:
+                del traced[next(iter(traced))]
+            traced[key] = jax.make_jaxpr(fn, return_shape=True)(*args)
+        closed, out_shape = traced[key]
+        outputs = _evaluate(closed.jaxpr, closed.consts, *leaves)
         return jax.tree.unflatten(jax.tree.structure(out_shape), outputs)
 
     return rewritten

@@ -299,7 +299,7 @@ def test_resume_fills_config_keys_added_since_with_their_defaults(tmp_path):
 @pytest.mark.parametrize(
     "name", ["ucm10_fixmatch", "ucm10_fixmatch_ccssl", "ucm10_comatch", "ucm10_ccssl_od"]
 )
-def test_every_method_trains_on_real_ucm10(name, tmp_path, decoded_cache):
+def test_every_method_trains_on_real_ucm10(name, tmp_path, decoded_cache, less_optimized):
     """Each method's smoke config runs in the real loop and logs its own loss terms."""
     config = tiny_run_config(
         name, decoded_cache, total_steps=4, steps_per_epoch=4, checkpoint_every=4

@@ -36,6 +36,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
+from multiprocessing import shared_memory
 from multiprocessing import util as mp_util
 
 import grain
@@ -151,6 +152,25 @@ def _ensure_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+_block_creation = threading.Lock()
+
+
+class _ExitSafeSharedMemory(shared_memory.SharedMemory):
+    """A shared-memory block made whole or not at all before a worker's exit.
+
+    `SharedMemory(create=True)` makes the segment, maps it, then registers it with the
+    resource tracker; a worker that exited in between (its parent killed) would leave a
+    segment nothing unlinks. The exit path takes the same lock, so it waits for the block.
+    """
+
+    def __init__(self, *args, **kwargs):
+        with _block_creation:
+            super().__init__(*args, **kwargs)
+
+    def __reduce__(self):  # other processes open it as a plain block
+        return shared_memory.SharedMemory, (self.name, False, self.size)
+
+
 def _exit_when_parent_ends(parent_pid: int, worker_index: int, worker_count: int) -> None:
     """grain `worker_init_fn`: the worker ends when the training process ends, however it ends.
 
@@ -177,8 +197,13 @@ def _exit_when_parent_ends(parent_pid: int, worker_index: int, worker_count: int
             while os.getppid() == parent_pid:
                 time.sleep(0.2)
 
+    shared_memory.SharedMemory = _ExitSafeSharedMemory  # this worker's blocks (grain's too)
+
     def exit_after_parent():
         wait()
+        # Not while a block is half made (created but not yet registered with the resource
+        # tracker, which unlinks every registered block once the run's processes are gone).
+        _block_creation.acquire(timeout=10)
         os._exit(0)
 
     threading.Thread(target=exit_after_parent, name="exit-with-parent", daemon=True).start()
