@@ -12,6 +12,17 @@ from ssl_jax import triplet
 from ssl_jax.algorithms.base import AlgorithmState
 
 
+def random_normal(shape, seed: int = 0) -> jax.Array:
+    """Standard-normal float32 test data drawn by numpy: unlike an eager `jax.random.normal`,
+    it compiles nothing (each new shape would be an XLA compile of its own)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
+
+
+def random_uniform(shape, low: float, high: float, seed: int = 0) -> jax.Array:
+    """Uniform float32 test data in [low, high), drawn by numpy (see `random_normal`)."""
+    return jnp.asarray(np.random.default_rng(seed).uniform(low, high, shape).astype(np.float32))
+
+
 def state_from_reference(
     *, queue_feats, queue_probs, queue_ptr, prob_hist, da_len: int
 ) -> AlgorithmState:

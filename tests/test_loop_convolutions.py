@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_normal
 
 from configs import base
 from ssl_jax import train
@@ -23,7 +24,7 @@ def conv_dims(fn, *args) -> set[str]:
 
 
 def _random(shape, seed):
-    return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+    return random_normal(shape, seed)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
+from helpers import random_uniform
 
 from ssl_jax import models
 from ssl_jax.models import CPU_PLANS, MODELS, conv_layers, cpu_conv, get_model, layers
@@ -37,7 +38,7 @@ def _decayed(path: tuple[str, ...]) -> bool:
 
 
 def _images(n=2, size=60, seed=0):
-    return jax.random.uniform(jax.random.PRNGKey(seed), (n, size, size, 3), jnp.float32, -2, 2)
+    return random_uniform((n, size, size, 3), -2.0, 2.0, seed)
 
 
 @pytest.fixture(scope="module")
