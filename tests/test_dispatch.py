@@ -6,6 +6,7 @@ import pytest
 from conftest import tiny_run_config
 
 from configs import base
+from ssl_jax import data as data_lib
 from ssl_jax import dispatch, metric_writers, train
 from ssl_jax.data import BatchMaker, train_iterator
 from ssl_jax.data.synthetic import synthetic_dataset
@@ -113,16 +114,32 @@ def test_k_step_training_matches_one_step_per_dispatch_host(triplet_run, tmp_pat
 
 @pytest.mark.heavy(30)
 def test_k_step_training_matches_one_step_per_dispatch_device(
-    tmp_path, decoded_cache, less_optimized
+    tmp_path, decoded_cache, monkeypatch, less_optimized
 ):
     """K = 4 logs what K = 1 logs, on-device augmentation: index blocks, per-step keys
     fold_in(rng, step) in the scan. Both programs are built with the same (reduced) XLA
-    optimisation, so only the K-step structure differs between them."""
-    runs = {}
+    optimisation, so only the K-step structure differs between them. The runs crop to 56 px
+    (`data.crop_size`): the views made on the device are 56 px (the host path: test_train)."""
+    runs, view_shapes = {}, set()
+    augment_views = data_lib.device_augment_views
+
+    def recording_augment_views(*args, **kwargs):
+        device_data, augment_fn = augment_views(*args, **kwargs)
+
+        def recording_augment_fn(*a, **k):
+            views = augment_fn(*a, **k)
+            view_shapes.update(v.shape[-3:] for v in views.values() if v.ndim == 4)
+            return views
+
+        return device_data, recording_augment_fn
+
+    monkeypatch.setattr(data_lib, "device_augment_views", recording_augment_views)
     for k in (1, 4):
         config = tiny_run_config("ucm10_supervised", decoded_cache, log_every=4)
         config.augment.where = "device"
+        config.data.crop_size = 56
         config.train.steps_per_dispatch = k
         train.train_and_evaluate(config, str(tmp_path / f"k{k}"))
         runs[k] = _train_rows(tmp_path / f"k{k}", k)
+    assert view_shapes == {(56, 56, 3)}
     _assert_same_training(runs, (), [4, 8])

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,8 @@ import pytest
 from conftest import tiny_run_config
 
 from ssl_jax import checkpoint as checkpoint_lib
-from ssl_jax import evaluate, metric_writers, train, train_state
+from ssl_jax import data as data_lib
+from ssl_jax import dispatch, evaluate, metric_writers, predict, train, train_state
 from ssl_jax.algorithms import get_algorithm
 from ssl_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 
@@ -299,12 +301,53 @@ def test_resume_fills_config_keys_added_since_with_their_defaults(tmp_path):
 @pytest.mark.parametrize(
     "name", ["ucm10_fixmatch", "ucm10_fixmatch_ccssl", "ucm10_comatch", "ucm10_ccssl_od"]
 )
-def test_every_method_trains_on_real_ucm10(name, tmp_path, decoded_cache, less_optimized):
-    """Each method's smoke config runs in the real loop and logs its own loss terms."""
+def test_every_method_trains_on_real_ucm10(
+    name, tmp_path, decoded_cache, monkeypatch, less_optimized
+):
+    """Each method's smoke config runs in the real loop and logs its own loss terms.
+
+    FixMatch's run crops to 56 px (`data.crop_size`, host augmentation): it trains on 56-px
+    views, evaluates and predicts at 56 px (the device path: test_dispatch)."""
     config = tiny_run_config(
         name, decoded_cache, total_steps=4, steps_per_epoch=4, checkpoint_every=4
     )
+    crop = 56 if name == "ucm10_fixmatch" else 60
+    config.data.crop_size = crop
+    trained_on, evaluated_on, predicted_on = set(), set(), set()
+    shard_block, test_batches = dispatch.shard_block, data_lib.test_batches
+    monkeypatch.setattr(
+        dispatch,
+        "shard_block",
+        lambda block, *a, **k: (
+            trained_on.update(v.shape[-3:-1] for key, v in block.items() if np.ndim(v) == 5)
+            or shard_block(block, *a, **k)
+        ),
+    )
+
+    def recording_test_batches(*args, **kwargs):
+        for batch in test_batches(*args, **kwargs):
+            evaluated_on.add(batch["image"].shape[1:3])
+            yield batch
+
+    monkeypatch.setattr(data_lib, "test_batches", recording_test_batches)
     train.train_and_evaluate(config, str(tmp_path))
+    if crop != 60:  # predict with the run's saved config, on two of its test images
+        load_images = predict.load_prediction_images
+        monkeypatch.setattr(
+            predict,
+            "load_prediction_images",
+            lambda *a, **k: [predicted_on.add(v.shape[:2]) or v for v in load_images(*a, **k)],
+        )
+        split = json.loads((tmp_path / "split.json").read_text())
+        folder = tmp_path / "images"
+        folder.mkdir()
+        for path, _ in split["test"][:2]:
+            shutil.copy(os.path.join(split["root"], path), folder / os.path.basename(path))
+        saved = checkpoint_lib.load_saved_config(str(tmp_path))
+        saved.predict.input = str(folder)
+        assert predict.predict_workdir(str(tmp_path), saved)["num_images"] == 2
+        assert predicted_on == {(crop, crop)}
+    assert trained_on == evaluated_on == {(crop, crop)}
     logged = records(tmp_path, "train")
     expected = {"loss", "loss_x", "loss_u", "mask_prob", "pseudo_acc"}
     expected |= {"loss_ccssl"} if "ccssl" in name else set()
