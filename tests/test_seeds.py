@@ -61,8 +61,9 @@ KEYS = {
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, shared_data):
-    return str(tmp_path_factory.mktemp("decoded_cache"))
+def cache_dir(decoded_cache):
+    """The session's decoded-image cache: the images are decoded once per test process."""
+    return decoded_cache
 
 
 def _config(name, cache_dir, *, num_seeds=1, seed=0, **train):

@@ -18,10 +18,11 @@ in-process. Every view is cropped to `config.data.crop_size`.
 
 Worker processes (`config.data.workers` != 0) end with the training process, however it ends:
 each watches its parent through the pipe multiprocessing gives it and exits when the parent is
-gone (SIGKILL of the parent alone included); it ignores SIGINT and SIGTERM sent to the whole
-process group, so the parent decides when to stop (a SIGTERM handler can finish its step and
-checkpoint first). Once the workers are gone, multiprocessing's resource tracker unlinks any
-shared-memory block still registered. At a normal exit, open iterators are closed and grain's
+gone (SIGKILL of the parent alone included), but never halfway through making a
+shared-memory block; it ignores SIGINT and SIGTERM sent to the whole process group, so the
+parent decides when to stop (a SIGTERM handler can finish its step and checkpoint first).
+Once the workers are gone, multiprocessing's resource tracker unlinks any shared-memory block
+still registered. At a normal exit, open iterators are closed and grain's
 pending shared-memory deletions drained before multiprocessing shuts down, so no
 "leaked shared_memory objects" warning appears.
 """
