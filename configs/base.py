@@ -58,7 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # holds the stacked state. Measure the gain: benchmarks/loop_throughput.py --seeds N.
     # Per-seed weights make vmapped convolutions grouped convolutions: on the 2-core CPU one
     # program of N = 2 / 4 seeds ran at 0.82x / 0.96x the speed of the same seeds trained one
-    # after another (benchmarks/RESULTS.md); there, run seeds as separate workdirs
+    # after another at 1/16 width, 0.73x / 0.65x at full width (benchmarks/RESULTS.md); there,
+    # run seeds as separate workdirs
     # (--config.seed=s) and group them with `python -m ssl_jax.report`, which treats both
     # layouts alike.
     config.num_seeds = 1
