@@ -99,6 +99,13 @@ def read_metric_sums_per_seed(sums: MetricSums) -> list[dict[str, float]]:
 # ------------------------------------------------------------------------------ the program
 
 
+def _as_the_step_sees_it(state):
+    """The state without its metric sums (the program keeps those). `metric_names` and the
+    program show the step the same arguments, so a step that memoises its trace (the CPU's
+    canonical-convolution rewrite) is traced once per run, not twice."""
+    return state.replace(metric_sums=None)
+
+
 def make_multi_step(
     step_fn: Callable,
     *,
@@ -125,10 +132,7 @@ def make_multi_step(
             empty_metric_sums(state.metric_sums),
             state.metric_sums,
         )
-        # The step sees the state without its sums, as `metric_names` shows it the state: the
-        # same arguments, so a step that memoises its trace (the CPU's canonical-convolution
-        # rewrite) is traced once per run, not twice.
-        new_state, metrics = step_fn(state.replace(metric_sums=None), batch, device_data)
+        new_state, metrics = step_fn(_as_the_step_sees_it(state), batch, device_data)
         return new_state.replace(metric_sums=add_metrics(sums, metrics))
 
     if seed_axes is not None:
@@ -151,8 +155,7 @@ def make_multi_step(
 
 def metric_names(step_fn: Callable, state, batch, device_data) -> list[str]:
     """The names of the values the step logs, from its abstract evaluation (nothing runs)."""
-    state = state.replace(metric_sums=None)  # as the program shows it the state
-    _, metrics = jax.eval_shape(step_fn, state, batch, device_data)
+    _, metrics = jax.eval_shape(step_fn, _as_the_step_sees_it(state), batch, device_data)
     return sorted(metrics)
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,17 @@ def random_normal(shape, seed: int = 0) -> jax.Array:
 def random_uniform(shape, low: float, high: float, seed: int = 0) -> jax.Array:
     """Uniform float32 test data in [low, high), drawn by numpy (see `random_normal`)."""
     return jnp.asarray(np.random.default_rng(seed).uniform(low, high, shape).astype(np.float32))
+
+
+def copy_test_images(run_dir, folder, count: int) -> pathlib.Path:
+    """Copies the first `count` test images of a run's split (its `split.json`) into a new
+    `folder`, as a user would gather images to classify with `--mode predict`."""
+    split = json.loads((pathlib.Path(run_dir) / "split.json").read_text())
+    folder = pathlib.Path(folder)
+    folder.mkdir()
+    for path, _ in split["test"][:count]:
+        shutil.copy(os.path.join(split["root"], path), folder / os.path.basename(path))
+    return folder
 
 
 def state_from_reference(

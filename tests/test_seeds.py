@@ -4,7 +4,6 @@ trained by one jitted program, resumed, guarded, evaluated, reported and used fo
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_run_config
+from helpers import copy_test_images
 
 from ssl_jax import checkpoint as checkpoint_lib
 from ssl_jax import dispatch, evaluate, metric_writers, predict, report, train, train_state
@@ -60,12 +60,6 @@ KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def cache_dir(decoded_cache):
-    """The session's decoded-image cache: the images are decoded once per test process."""
-    return decoded_cache
-
-
 def _config(name, cache_dir, *, num_seeds=1, seed=0, **train):
     config = tiny_run_config(name, cache_dir, **train)
     config.augment.where = "device"  # on a CPU `auto` means host, which trains one seed only
@@ -89,7 +83,7 @@ def _recording(make, made):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, cache_dir):
+def runs(tmp_path_factory, decoded_cache):
     """{name: (two-seed workdir of seeds 0 and 1, single-run workdir of seed 1, programs)}:
     4 steps (one epoch, evaluated), the K-step programs the two-seed run built."""
     out = {}
@@ -98,10 +92,10 @@ def runs(tmp_path_factory, cache_dir):
         made = []
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(dispatch, "make_multi_step", _recording(dispatch.make_multi_step, made))
-            config = _config(name, cache_dir, num_seeds=2, total_steps=4)
+            config = _config(name, decoded_cache, num_seeds=2, total_steps=4)
             config.optim.lr = LR
             train.train_and_evaluate(config, str(root / "two"))
-        config = _config(name, cache_dir, seed=1, total_steps=4)
+        config = _config(name, decoded_cache, seed=1, total_steps=4)
         config.optim.lr = LR
         train.train_and_evaluate(config, str(root / "one"))
         out[name] = (root / "two", root / "one", made)
@@ -179,11 +173,7 @@ def test_report_groups_the_seeds_of_a_run_as_separate_runs(runs):
 
 def test_predict_uses_the_best_seed_unless_one_is_chosen(runs, tmp_path):
     two, _, _ = runs["ucm10_supervised"]
-    split = json.loads((two / "seed_0" / "split.json").read_text())
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for path, _ in split["test"][:2]:
-        shutil.copy(os.path.join(split["root"], path), folder / os.path.basename(path))
+    folder = copy_test_images(two / "seed_0", tmp_path / "images", 2)
     top1 = {s: records(two / f"seed_{s}", "eval")[-1]["top1"] for s in (0, 1)}
     best = max(top1, key=lambda s: (top1[s], -s))
     config = checkpoint_lib.load_saved_config(str(two))
@@ -227,7 +217,7 @@ def test_host_augmentation_refuses_several_seeds():
         train.prepare_training(config, data)
 
 
-def test_non_finite_values_in_one_seed_stop_the_run_naming_it(tmp_path, cache_dir, monkeypatch):
+def test_non_finite_values_in_one_seed_stop_the_run_naming_it(tmp_path, decoded_cache, monkeypatch):
     """Seed 1's parameters turn NaN after the step-4 checkpoint: the run stops naming seed 1
     and steps 5-6, and checkpoint 4 stays intact and finite."""
     prepare = train.prepare_training
@@ -246,7 +236,7 @@ def test_non_finite_values_in_one_seed_stop_the_run_naming_it(tmp_path, cache_di
         return training
 
     monkeypatch.setattr(train, "prepare_training", poisoned)
-    config = _config("ucm10_supervised", cache_dir, num_seeds=2)
+    config = _config("ucm10_supervised", decoded_cache, num_seeds=2)
     with pytest.raises(train.NonFiniteLossError, match="in seed 1 .*between steps 5 and 6") as err:
         train.train_and_evaluate(config, str(tmp_path))
     assert "seed 0:" not in str(err.value)
@@ -278,7 +268,9 @@ def _launch(workdir, cache_dir):
     ]
 
 
-def test_sigkill_then_rerun_of_a_two_seed_run_matches_the_uninterrupted_run(tmp_path, cache_dir):
+def test_sigkill_then_rerun_of_a_two_seed_run_matches_the_uninterrupted_run(
+    tmp_path, decoded_cache
+):
     # The module's flag is set in-process only: the runs compared here are all subprocesses,
     # built alike with XLA's optimisations mostly off.
     env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
@@ -286,14 +278,14 @@ def test_sigkill_then_rerun_of_a_two_seed_run_matches_the_uninterrupted_run(tmp_
 
     def run(workdir):
         done = subprocess.run(
-            _launch(workdir, cache_dir), cwd=REPO, env=env, capture_output=True, text=True
+            _launch(workdir, decoded_cache), cwd=REPO, env=env, capture_output=True, text=True
         )
         # launch.py's summary is its last stdout line (absl also exits 1 echoing it on stderr)
         assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 32, done.stderr[-3000:]
 
     run(full)
     proc = subprocess.Popen(
-        _launch(killed, cache_dir),
+        _launch(killed, decoded_cache),
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,

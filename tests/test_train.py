@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_run_config
+from helpers import copy_test_images
 
 from ssl_jax import checkpoint as checkpoint_lib
 from ssl_jax import data as data_lib
@@ -319,7 +319,7 @@ def test_every_method_trains_on_real_ucm10(
         dispatch,
         "shard_block",
         lambda block, *a, **k: (
-            trained_on.update(v.shape[-3:-1] for key, v in block.items() if np.ndim(v) == 5)
+            trained_on.update(v.shape[-3:-1] for v in block.values() if np.ndim(v) == 5)
             or shard_block(block, *a, **k)
         ),
     )
@@ -338,13 +338,8 @@ def test_every_method_trains_on_real_ucm10(
             "load_prediction_images",
             lambda *a, **k: [predicted_on.add(v.shape[:2]) or v for v in load_images(*a, **k)],
         )
-        split = json.loads((tmp_path / "split.json").read_text())
-        folder = tmp_path / "images"
-        folder.mkdir()
-        for path, _ in split["test"][:2]:
-            shutil.copy(os.path.join(split["root"], path), folder / os.path.basename(path))
         saved = checkpoint_lib.load_saved_config(str(tmp_path))
-        saved.predict.input = str(folder)
+        saved.predict.input = str(copy_test_images(tmp_path, tmp_path / "images", 2))
         assert predict.predict_workdir(str(tmp_path), saved)["num_images"] == 2
         assert predicted_on == {(crop, crop)}
     assert trained_on == evaluated_on == {(crop, crop)}
