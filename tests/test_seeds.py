@@ -42,6 +42,10 @@ pytestmark = [
 LR = 0.003
 FIRST_RTOL, FIRST_GRAD_NORM_RTOL = 2e-4, 1.5e-2
 LATER_RTOL, LATER_GRAD_NORM_RTOL = 2e-2, 5e-2
+# loss_dml is a mean over the mined triplets, whose number flips on near ties once the runs
+# have drifted apart (measured on one CPU: 163 against 155 triplets at step 4, loss_dml 2.3 %
+# apart), so in later rows it gets the grad_norm tolerance.
+LATER_DML_RTOL = LATER_GRAD_NORM_RTOL
 KEYS = {
     "ucm10_supervised": ("loss", "loss_x", "grad_norm", "param_norm", "ema_param_norm", "lr"),
     "ucm10_triplet": (
@@ -129,8 +133,10 @@ def test_a_seed_of_a_two_seed_run_is_the_single_run_with_that_seed(name, runs):
     first = (FIRST_RTOL, FIRST_GRAD_NORM_RTOL)
     for i, (ra, rb) in enumerate(zip(a, b, strict=True)):
         rtol, grad_rtol = first if i == 0 else (LATER_RTOL, LATER_GRAD_NORM_RTOL)
-        if i:
-            keys = [k for k in keys if k != "triplet_mined"]  # a count: flips on near ties
+        if i:  # a count and the mean over what it counts: they move with near ties
+            keys = [k for k in keys if k not in ("triplet_mined", "loss_dml")]
+            if "loss_dml" in KEYS[name]:
+                np.testing.assert_allclose(ra["loss_dml"], rb["loss_dml"], rtol=LATER_DML_RTOL)
         np.testing.assert_allclose([ra[k] for k in keys], [rb[k] for k in keys], rtol=rtol)
         np.testing.assert_allclose(ra["grad_norm"], rb["grad_norm"], rtol=grad_rtol)
     # The same evaluation, up to 3 of the 500 test images.

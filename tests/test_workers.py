@@ -194,12 +194,13 @@ def test_workers_outlive_the_thread_that_started_them(monkeypatch):
     (So the workers cannot rely on `prctl(PR_SET_PDEATHSIG)`, which fires when the *thread*
     that started them exits; they watch their parent process instead.)
     """
-    starters = []
+    starters, started = [], []
     original_start = multiprocessing.process.BaseProcess.start
 
     def recording_start(self):
         starters.append(threading.current_thread())
-        return original_start(self)
+        original_start(self)
+        started.append(self)
 
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", recording_start)
     data = synthetic_dataset(num_classes=2, num_unlabelled=16, num_labelled=4, image_size=64)
@@ -214,11 +215,13 @@ def test_workers_outlive_the_thread_that_started_them(monkeypatch):
 
     def consume():
         result["first"] = [next(iterator) for _ in range(3)]
-        result["workers"] = sorted(p.pid for p in multiprocessing.active_children())
+        # This iterator's workers (other tests' children of this process may come and go).
+        ours = list(started)
+        result["workers"] = sorted(p.pid for p in ours if p.is_alive())
         result["starters"] = list(starters)  # this iterator's; other threads may start more later
         iterator.set_state(iterator.get_state())  # ends the threads that started the workers
         time.sleep(1.0)
-        result["after"] = sorted(p.pid for p in multiprocessing.active_children())
+        result["after"] = sorted(p.pid for p in ours if p.is_alive())
         result["rest"] = list(iterator)
 
     thread = threading.Thread(target=consume, daemon=True)
