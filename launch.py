@@ -2,7 +2,9 @@
 
 Modes: train (resumes from the latest checkpoint in DIR), eval (restores the EMA weights and
 evaluates the test split), inspect (data summary + augmentation grid), predict (classifies
---config.predict.input). `--config.<key>=<value>` overrides any config field; an unknown key
+--config.predict.input). Multi-process training: the same command in every process plus
+--coordinator_address host:port --num_processes N --process_id i (or --distributed_auto on
+Slurm / Open MPI). `--config.<key>=<value>` overrides any config field; an unknown key
 is an error. For eval and predict, --config may be left out: the workdir's own config.json is
 then the base the overrides apply to, e.g.
 
@@ -18,7 +20,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from ssl_jax import run
+from ssl_jax import distributed, run
 
 CONFIG_HELP = "Config file, e.g. configs/ucm10_triplet.py or configs/demo.py:smoke."
 _parsed_argv: list[str] = []
@@ -36,6 +38,30 @@ def _define_workdir_and_mode(flag_values: flags.FlagValues) -> None:
         "train",
         run.MODES,
         "What to do with the config and workdir.",
+        flag_values=flag_values,
+    )
+    # Multi-process training (README "Several processes and hosts"): the same command in
+    # every process, each with its own --process_id.
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "host:port of process 0, where the processes of a multi-process run meet.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "num_processes",
+        None,
+        "Number of processes of a multi-process run.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "process_id", None, "This process's index in [0, num_processes).", flag_values=flag_values
+    )
+    flags.DEFINE_bool(
+        "distributed_auto",
+        False,
+        "Join a multi-process run that JAX detects from the cluster's environment (Slurm, "
+        "Open MPI); the three flags above, where given, take precedence.",
         flag_values=flag_values,
     )
 
@@ -114,6 +140,12 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
         flag_values.workdir,
         config_path=config_path,
         overrides=run.override_keys(_parsed_argv),
+        launch=distributed.Launch(
+            coordinator_address=flag_values.coordinator_address,
+            num_processes=flag_values.num_processes,
+            process_id=flag_values.process_id,
+            auto=flag_values.distributed_auto,
+        ),
     )
 
 

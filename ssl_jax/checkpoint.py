@@ -12,6 +12,9 @@ Damaged checkpoints (a truncated or bit-flipped file, a missing metadata file) a
 to `<workdir>/checkpoints_damaged/<step>` by `restore_or_keep`, which then resumes from the
 newest intact one; a readable checkpoint that does not fit the train state is an error instead.
 A background save that fails stops the run at the next `check_saves()`.
+
+Multi-process runs (`ssl_jax.distributed`) save one logical checkpoint: every process calls
+`save` at the same step, Orbax writes each array once and process 0 the metadata and `meta`.
 """
 
 from __future__ import annotations
@@ -122,6 +125,13 @@ class Checkpointer:
             # Read-only managers save nothing; saying so up front keeps orbax from warning.
             save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=True,
+            # Reading (evaluation after a multi-process run, on process 0 alone) involves
+            # this process only; training checkpoints are written by all processes together.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=jax.process_index(), active_processes={jax.process_index()}
+            )
+            if read_only and jax.process_count() > 1
+            else ocp.options.MultiprocessingOptions(),
         )
         absl_logger = logging.getLogger("absl")
         absl_logger.addFilter(_not_read_only_notice)
@@ -162,8 +172,11 @@ class Checkpointer:
         """Raises CheckpointError if a background save has failed; cheap, never waits.
 
         Called after every dispatch, so that no steps are trained on top of a checkpoint that
-        does not exist.
+        does not exist. In a multi-process run finishing a save is a step all processes take
+        together, so there a failed save is reported at the next save or at the end instead.
         """
+        if jax.process_count() > 1:
+            return
         self._raise_save_error(wait=False)
 
     def latest_step(self) -> int | None:
@@ -187,8 +200,9 @@ class Checkpointer:
             self._save_error = CheckpointError(
                 f"Saving checkpoint {self._saving_step} to {self.directory} failed in the "
                 f"background ({_first_line(err)}), so the run stops before training on top of "
-                "a checkpoint that does not exist. Fix the cause (disk full? permissions?) and "
-                "rerun the same command: it resumes from "
+                "a checkpoint that does not exist. Fix the cause (disk full? permissions?"
+                + (" another process of the run died?" if jax.process_count() > 1 else "")
+                + ") and rerun the same command: it resumes from "
                 + (f"checkpoint {last}." if last is not None else "scratch (no checkpoint).")
             )
             self._save_error.__cause__ = err

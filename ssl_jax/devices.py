@@ -1,4 +1,10 @@
-"""Where arrays live: a 1-D data-parallel mesh, replicated state, sharded batches, peak memory."""
+"""Where arrays live: a 1-D data-parallel mesh, replicated state, sharded batches, peak memory.
+
+The mesh spans every process's devices (`jax.devices()`, ordered by process), so in a
+multi-process run (`ssl_jax.distributed`) each process holds a contiguous block of each
+batch's rows: `process_rows` says which, and `shard_batch` assembles the global batch from
+each process's own rows.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def make_mesh(devices=None) -> Mesh:
-    """A 1-D data-parallel mesh over the local devices (one device: the same code path)."""
-    devices = jax.local_devices() if devices is None else devices
+    """A 1-D data-parallel mesh over every process's devices (one device: the same code path)."""
+    devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), ("data",))
 
 
@@ -18,8 +24,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(tree, mesh: Mesh):
-    """Parameters, optimizer and algorithm state live whole on every device."""
-    return jax.device_put(tree, replicated(mesh))
+    """Parameters, optimizer and algorithm state live whole on every device.
+
+    Across processes each process puts its own (identical) copy on its devices.
+    """
+    if not mesh.is_multi_process:
+        return jax.device_put(tree, replicated(mesh))
+    return jax.device_put(jax.tree.map(np.asarray, tree), replicated(mesh))
+
+
+def process_rows(mesh: Mesh, rows: int) -> slice:
+    """The rows of a `rows`-row batch that this process's devices hold (all of them in a
+    single-process run): the mesh lists devices by process, so they are one contiguous block."""
+    n = mesh.devices.size
+    if rows % n:
+        raise ValueError(
+            f"A batch of {rows} rows cannot be split over the {n} devices; choose "
+            f"data.batch_size (and data.mu * data.batch_size) divisible by {n}."
+        )
+    mine = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+    if mine != list(range(mine[0], mine[-1] + 1)):
+        raise ValueError(f"This process's devices are not contiguous in the mesh: {mine}.")
+    per_device = rows // n
+    return slice(mine[0] * per_device, (mine[-1] + 1) * per_device)
 
 
 def shard_batch(batch, mesh: Mesh):
@@ -37,6 +64,20 @@ def shard_batch(batch, mesh: Mesh):
                 f"by the {n} devices; choose data.batch_size divisible by {n}."
             )
     return jax.device_put(dict(batch), NamedSharding(mesh, PartitionSpec("data")))
+
+
+def global_arrays(local: dict, mesh: Mesh, spec: PartitionSpec, global_rows: dict, axis: int):
+    """Global arrays from each process's own rows (axis `axis`) of every entry of `local`;
+    `global_rows[key]` is the row count of the whole batch. Single-process: `local` is whole."""
+    sharding = NamedSharding(mesh, spec)
+    if not mesh.is_multi_process:
+        return jax.device_put(dict(local), sharding)
+    out = {}
+    for key, value in local.items():
+        shape = list(np.shape(value))
+        shape[axis] = int(global_rows[key])
+        out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value), tuple(shape))
+    return out
 
 
 def peak_device_memory_bytes() -> int | None:

@@ -35,6 +35,8 @@ import numpy as np
 from clu import metrics as clu_metrics
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ssl_jax import devices
+
 AUTO_MAX_STEPS_PER_DISPATCH = {"device": 64, "host": 8}
 BOUNDARY_KEYS = ("log_every", "steps_per_epoch", "checkpoint_every", "total_steps")
 
@@ -166,17 +168,21 @@ def shard_block(block: Mapping[str, np.ndarray], mesh: Mesh, *, seeds: bool = Fa
     """Sends a block to the devices, each step's batch split over the mesh's data axis.
 
     `seeds`: the block is (K, N seeds, batch, ...); the batch axis (2) is the one split.
+    In a multi-process run the block holds this process's rows only (`BatchMaker(part=)`,
+    one of `jax.process_count()` equal parts), and the global arrays are assembled from them.
     """
     n = mesh.devices.size
     axis = 2 if seeds else 1
-    for key, value in block.items():
-        if np.shape(value)[axis] % n:
+    parts = jax.process_count() if mesh.is_multi_process else 1
+    rows = {key: np.shape(value)[axis] * parts for key, value in block.items()}
+    for key, count in rows.items():
+        if count % n:
             raise ValueError(
-                f"Batch entry {key!r} has {np.shape(value)[axis]} rows, not divisible by the {n} "
+                f"Batch entry {key!r} has {count} rows, not divisible by the {n} "
                 f"devices; choose data.batch_size divisible by {n}."
             )
     spec = PartitionSpec(None, None, "data") if seeds else PartitionSpec(None, "data")
-    return jax.device_put(dict(block), NamedSharding(mesh, spec))
+    return devices.global_arrays(block, mesh, spec, rows, axis)
 
 
 def stack_steps(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -83,10 +83,29 @@ class MetricWriter:
             self._tb.close()
 
 
+class NullWriter:
+    """What processes other than 0 of a multi-process run write: nothing (process 0 logs)."""
+
+    def write(self, kind: str, step: int, values: Mapping[str, float]) -> dict:
+        return {"kind": kind, "step": int(step), **values}
+
+    def close(self) -> None:
+        pass
+
+
 class Progress:
     """A one-line progress report: step, loss, img/s and ETA (big_vision's chrono, simplified)."""
 
-    def __init__(self, total_steps: int, images_per_step: int, start_step: int, stream=None):
+    def __init__(
+        self,
+        total_steps: int,
+        images_per_step: int,
+        start_step: int,
+        stream=None,
+        *,
+        quiet: bool = False,
+    ):
+        self.quiet = quiet  # other processes of a multi-process run: process 0 prints
         self.total_steps = total_steps
         self.images_per_step = images_per_step
         self.stream = stream or sys.stdout
@@ -115,6 +134,8 @@ class Progress:
         self, step: int, values: Mapping[str, float], timing: Mapping[str, float], label: str = ""
     ) -> None:
         """One progress line; `label` (e.g. "seed 3") prefixes it."""
+        if self.quiet:
+            return
         eta = timing["eta_s"]
         shown = " ".join(
             f"{k}={float(values[k]):.4f}"

@@ -53,6 +53,13 @@ class Training:
     def num_seeds(self) -> int:
         return max(1, len(self.seeds))
 
+    @property
+    def part(self) -> tuple[int, int] | None:
+        """(p, P): in a P-process run this process makes only its rows of each batch."""
+        if not self.mesh.is_multi_process:
+            return None
+        return jax.process_index(), jax.process_count()
+
     def _index_maker(self, data, seed: int):
         return data_lib.BatchMaker(
             data.labelled,
@@ -62,6 +69,7 @@ class Training:
             mu=int(self.config.data.mu),
             views=self.setup.algorithm.unlabelled_views,
             mode="indices",
+            part=self.part,
         )
 
     def shard(self, block):
@@ -94,7 +102,7 @@ class Training:
                 steps_per_dispatch=self.steps_per_dispatch, start_step=start_step, make_batch=maker
             )
         iterator = data_lib.train_iterator(
-            self.data, self.config, views=views, start_step=start_step, mode="host"
+            self.data, self.config, views=views, start_step=start_step, mode="host", part=self.part
         )
         return dispatch.BlockSource(
             steps_per_dispatch=self.steps_per_dispatch, start_step=start_step, iterator=iterator
@@ -150,6 +158,15 @@ def prepare_training(config: ml_collections.ConfigDict, data, *, platform: str |
             data, config, algorithm.unlabelled_views
         )
     mesh = devices.make_mesh()
+    if mesh.is_multi_process:  # each process makes one equal, contiguous part of every batch
+        for rows in (config.data.batch_size, config.data.batch_size * config.data.mu):
+            mine = devices.process_rows(mesh, int(rows))
+            part = int(rows) // jax.process_count()
+            if (mine.start, mine.stop - mine.start) != (jax.process_index() * part, part):
+                raise ValueError(
+                    "Every process must have the same number of devices, listed in process "
+                    f"order; this process holds rows {mine} of {rows}."
+                )
     step_fn = make_step_fn(config, setup, augment_fn, platform=platform)
     if platform == "cpu":  # XLA:CPU's scan bodies run autodiff's convolutions slowly otherwise
         step_fn = loop_convolutions.canonical_convolutions(step_fn)

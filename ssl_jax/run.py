@@ -8,11 +8,12 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Sequence
 
 import ml_collections
 
-from ssl_jax import files, xla_cpu
+from ssl_jax import distributed, files, xla_cpu
 
 MODES = ["train", "eval", "inspect", "predict"]
 READ_ONLY_MODES = ("eval", "predict")  # they read a trained run; its config.json is the base
@@ -120,12 +121,58 @@ def main(
     *,
     config_path: str | None = None,
     overrides: Sequence[str] = (),
+    launch: distributed.Launch | None = None,
 ) -> dict:
     """Runs `mode`; the last line printed is a JSON summary (train, eval, inspect).
 
     `overrides` are the dotted keys set on the command line (`--config.<key>=<value>`): for
     eval/predict only evaluation, prediction and data-location keys may be among them.
+    `launch` joins a multi-process run (`ssl_jax.distributed`; --mode train only).
     """
+    launch = launch or distributed.Launch()
+    try:
+        launch.check()
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if launch.wanted and mode != "train":
+        raise SystemExit(
+            f"--mode {mode} runs in one process: drop --coordinator_address, --num_processes, "
+            "--process_id and --distributed_auto (a multi-process run's checkpoints evaluate "
+            "in one process)."
+        )
+    if not launch.wanted:
+        return _main(mode, config, workdir, config_path=config_path, overrides=overrides)
+    xla_cpu.prefer_eigen_convolutions()  # XLA flags are read when the backend starts
+    distributed.initialize(launch)
+    import jax
+
+    try:
+        return _main(mode, config, workdir, config_path=config_path, overrides=overrides)
+    except BaseException as err:
+        # One process failing alone must not leave the others waiting in a collective (nor
+        # itself in JAX's exit barrier): say why and leave now; the coordination service
+        # then stops the others within distributed.HEARTBEAT_TIMEOUT_S.
+        import traceback
+
+        if isinstance(err, SystemExit) and err.code in (None, 0):
+            raise
+        if isinstance(err, SystemExit):
+            print(err.code, file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(
+                f"Process {jax.process_index()} of {jax.process_count()} stops: "
+                f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}. If another "
+                "process of this run died (a failed collective says so), its log says why; "
+                "rerun the same commands to resume from the last checkpoint.",
+                file=sys.stderr,
+            )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _main(mode, config, workdir, *, config_path, overrides) -> dict:
     quiet_missing_tpu_probe()
     logging.getLogger("absl").setLevel(logging.WARNING)
     workdir = workdir or default_workdir(config_path)
@@ -148,7 +195,9 @@ def main(
             "best_top1": meta.get("best_top1"),
             "mean_top1_last": meta.get("mean_top1_last"),
         }
-        if config.eval.after_training:  # eval.figures=False skips only figures and t-SNE
+        # eval.figures=False skips only figures and t-SNE; process 0 evaluates a multi-process
+        # run's last checkpoint alone (the others wait for it in JAX's exit barrier).
+        if config.eval.after_training and distributed.is_primary():
             result["eval"] = evaluate.evaluate_workdir(workdir, config)
         print(json.dumps(result), flush=True)
         return result

@@ -19,6 +19,7 @@ embeddings and evaluations sit in `<workdir>/seed_<s>/`; one checkpoint holds th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -35,6 +36,7 @@ from ssl_jax import (
     config_checks,
     devices,
     dispatch,
+    distributed,
     files,
     inference,
     metric_writers,
@@ -98,14 +100,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
     config_checks.validate_config(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    with WorkdirLock(workdir), run_guards.stop_on_sigterm() as stop:
+    with _lock(workdir), run_guards.stop_on_sigterm() as stop:
         return _train(config, workdir, data, stop)
+
+
+@contextlib.contextmanager
+def _lock(workdir: str):
+    """The workdir lock; in a multi-process run process 0 holds it, and every process learns
+    whether it was taken, so that none trains without it."""
+    lock = WorkdirLock(workdir)
+    if not distributed.multi_process():
+        with lock:
+            yield
+        return
+    error = None
+    if distributed.is_primary():
+        try:
+            lock.acquire()
+        except Exception as err:  # noqa: BLE001 - raised below, in every process
+            error = err
+    try:
+        if distributed.any_process(error is not None):
+            raise error or RuntimeError(f"Process 0 could not lock {workdir}; see its output.")
+        yield
+    finally:
+        lock.release()
 
 
 def _train(config, workdir, data, stop) -> dict:
     changes = checkpoint_lib.check_config_compatible(config, workdir) or []
     config.data.name = protocols.dataset_name(config.data)
-    save_config(config, workdir)
+    primary = distributed.is_primary()
+    if primary:
+        save_config(config, workdir)
+    distributed.barrier("ssl_jax_config_saved")  # every process read the old config first
     if data is None:
         data = data_lib.load_dataset(config, workdir=workdir, write_split=False)
     training = prepare_training(config, data)
@@ -128,13 +156,24 @@ def _train(config, workdir, data, stop) -> dict:
             "now (see split.json). Resuming would train on different images; restore the data "
             "or use a new --workdir."
         )
+    processes = int(meta.get("process_count", 1))
+    if start_step > 0 and processes != jax.process_count():
+        manager.close()
+        raise checkpoint_lib.CheckpointError(
+            f"{workdir} was trained by {processes} process(es) and this run has "
+            f"{jax.process_count()}: resuming with another process count is not supported "
+            "(the batch would be split differently). Rerun with the same processes, or "
+            "evaluate the checkpoint (--mode eval works in one process)."
+        )
+    meta["process_count"] = jax.process_count()
     meta["split_hash"] = data.split_hash
     if several:
         meta["split_hashes"] = hashes
+    if several and primary:
         for seed, seed_data_ in zip(training.seeds, training.seed_datas, strict=True):
             os.makedirs(seed_dir(workdir, seed), exist_ok=True)
             write_split_json(seed_data_, os.path.join(seed_dir(workdir, seed), "split.json"))
-    else:
+    elif primary:
         write_split_json(data, os.path.join(workdir, "split.json"))
     if start_step >= config.train.total_steps:
         logging.info(
@@ -146,7 +185,9 @@ def _train(config, workdir, data, stop) -> dict:
         return meta
 
     state = devices.replicate(state, training.mesh)
-    if several:
+    if not primary:  # process 0 writes the run's files and prints its progress
+        writers = [metric_writers.NullWriter() for _ in range(training.num_seeds)]
+    elif several:
         writers = [
             metric_writers.MetricWriter(seed_dir(workdir, s), start_step=start_step)
             for s in training.seeds
@@ -156,12 +197,13 @@ def _train(config, workdir, data, stop) -> dict:
     if start_step == 0:
         for i, writer in enumerate(writers):
             writer.write("run", 0, _run_record(training, state, i))
-    else:
+    elif primary:
         print(f"Resuming from step {start_step} ({workdir}).", flush=True)
     if changes:
         for writer in writers:
             writer.write("resume_changes", start_step, {"changes": changes})
-        print(f"Resuming with changed settings: {changes}", flush=True)
+        if primary:
+            print(f"Resuming with changed settings: {changes}", flush=True)
     source = training.block_source(start_step)
     try:
         _, meta = run_loop(
@@ -208,6 +250,8 @@ def _run_record(training: Training, state, index: int = 0) -> dict:
         "augment_where": training.where,
         "steps_per_dispatch": training.steps_per_dispatch,
         "device": str(jax.devices()[0]),
+        "process_count": jax.process_count(),
+        "global_device_count": jax.device_count(),
         "jax_version": jax.__version__,
     }
     if several:
@@ -252,7 +296,8 @@ def run_loop(
         metas, datas, workdirs = [meta], [training.data], [workdir]
     start_step = int(state.step[0] if several else state.step)
     per_step = train_state.images_per_step(config, training.setup.algorithm) * len(seeds)
-    progress = metric_writers.Progress(t.total_steps, per_step, start_step)
+    primary = distributed.is_primary()
+    progress = metric_writers.Progress(t.total_steps, per_step, start_step, quiet=not primary)
     num_epochs = math.ceil(t.total_steps / t.steps_per_epoch)
     interval_start = start_step - start_step % t.log_every + 1
     elapsed_before = float(meta.get("train_seconds", 0.0))
@@ -295,8 +340,9 @@ def run_loop(
         top1 = None
         if epoch_end and evaluate:
             top1s = []
+            # Every process evaluates its own copy (no collectives); process 0 writes.
+            ema = distributed.local_copy((state.ema_params, state.ema_batch_stats))
             for i in range(len(seeds)):
-                ema = (state.ema_params, state.ema_batch_stats)
                 top1s.append(
                     evaluate_epoch(
                         *(seed_slice(ema, i) if several else ema),
@@ -312,7 +358,8 @@ def run_loop(
             if several:  # the run's numbers: means over the seeds
                 for key in ("best_top1", "mean_top1_last"):
                     meta[key] = float(np.mean([m[key] for m in metas]))
-        preempted = stop is not None and stop.is_set()
+        # A SIGTERM that reached any process stops every process at this same boundary.
+        preempted = distributed.any_process(stop is not None and stop.is_set())
         if manager is not None and (epoch_end or done % t.checkpoint_every == 0 or preempted):
             meta["train_seconds"] = elapsed_before + time.perf_counter() - run_start
             meta["step"] = done
@@ -367,6 +414,8 @@ def _evaluate_epoch(
     if peak is not None:
         record["peak_device_memory_bytes"] = peak
     writer.write("eval", done, record)
+    if not distributed.is_primary():
+        return result["top1"]
     print(
         f"[{label}epoch {epoch}] EMA top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  best "
         f"{meta['best_top1']:.2f}  mean(last {t.mean_of_last}) {meta['mean_top1_last']:.2f}",

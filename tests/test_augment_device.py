@@ -25,6 +25,9 @@ from ssl_jax.data import device_randaugment as dr
 from ssl_jax.data import views
 from ssl_jax.data.on_device import make_augment_fn
 
+# One xdist worker builds this module's fixtures once (they are its costly part).
+pytestmark = pytest.mark.xdist_group("augment_device")
+
 FRAME = 66  # padded cache frame
 
 

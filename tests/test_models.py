@@ -242,10 +242,11 @@ def test_wrn_dead_batch_norm_quirk():
     )
 
 
-def test_cpu_built_models_have_the_lax_parameters_and_function(tiny_resnet18):
+def test_cpu_built_models_have_the_lax_parameters_and_function(tiny_resnet18, less_optimized):
     """Checkpoints move between platforms: a model built with CPU plans has the lax-built
     model's parameter tree (same initial values) and computes the same function (a
-    train-mode forward + backward), whichever conv_impl."""
+    train-mode forward + backward), whichever conv_impl. (Every compared program is built
+    here, alike, with XLA's optimisations mostly off: conftest.less_optimized_compiles.)"""
     _, variables, images = tiny_resnet18  # default build: CPU plans on a CPU machine
     lax_model = get_model("resnet18", 4, 8, width=TINY_WIDTH, platform="cuda")
     chex.assert_trees_all_equal(

@@ -10,9 +10,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import tiny_run_config
+from conftest import less_optimized_compiles, tiny_run_config
 
 from ssl_jax import evaluate, metric_writers, report
+
+# One xdist worker builds this module's fixtures once (they are its costly part).
+pytestmark = pytest.mark.xdist_group("report")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,8 +29,10 @@ def tiny_supervised(cache_dir, seed):
 
 @pytest.fixture(scope="module")
 def two_seeds(tiny_runs, supervised_run):
-    """The session's tiny supervised run (seed 0, conftest.supervised_run) and seed 1."""
-    seed1 = tiny_runs.get("ucm10_supervised", seed=1)
+    """The session's tiny supervised run (seed 0, conftest.supervised_run) and seed 1 (only
+    read here, for what the report groups and prints: built with optimisations mostly off)."""
+    with less_optimized_compiles():
+        seed1 = tiny_runs.get("ucm10_supervised", seed=1)
     for run, seed in ((supervised_run, 0), (seed1, 1)):
         assert run.config.to_dict() == tiny_supervised(run.config.data.cache_dir, seed).to_dict()
     return [supervised_run.workdir, seed1.workdir]

@@ -86,6 +86,7 @@ class BatchMaker:
         views: Sequence[str],
         mode: str = "host",
         params: AugmentParams = DEFAULT_PARAMS,
+        part: tuple[int, int] | None = None,
     ):
         unknown = [v for v in views if v not in UNLABELLED_VIEWS]
         if unknown:
@@ -103,16 +104,42 @@ class BatchMaker:
         self.unlabelled_batch_size = int(mu) * int(batch_size)
         self.views = tuple(views)
         self.mode = mode
+        # (p, P): make only part p of P equal contiguous row blocks of every array (the rows
+        # of process p of a P-process run); each example keeps the draws of its global row.
+        self.part = None if part is None or tuple(part) == (0, 1) else tuple(map(int, part))
+        if self.part is not None:
+            index, count = self.part
+            for name, rows in (
+                ("batch_size", self.batch_size),
+                ("mu * batch_size", self.unlabelled_batch_size),
+            ):
+                if rows % count:
+                    raise ValueError(
+                        f"data.{name}={rows} cannot be split over {count} processes; choose "
+                        f"a multiple of {count}."
+                    )
         self.view_fns = {v: augment_host.view_fn(v, params) for v in (LABELLED, *self.views)}
         if len(self.labelled_images) == 0:
             raise ValueError("the labelled set is empty")
         if self.views and len(self.unlabelled_images) == 0:
             raise ValueError("the unlabelled set is empty")
 
-    def _augment(self, view: str, images, indices: np.ndarray, step: int) -> np.ndarray:
+    def _augment(
+        self, view: str, images, indices: np.ndarray, step: int, first: int = 0
+    ) -> np.ndarray:
         fn = self.view_fns[view]
-        out = [fn(images[i], _view_rng(self.seed, view, step, j)) for j, i in enumerate(indices)]
+        out = [
+            fn(images[i], _view_rng(self.seed, view, step, first + j))
+            for j, i in enumerate(indices)
+        ]
         return np.stack(out).astype(np.uint8, copy=False)
+
+    def _my_rows(self, rows: int) -> slice:
+        if self.part is None:
+            return slice(0, rows)
+        index, count = self.part
+        size = rows // count
+        return slice(index * size, (index + 1) * size)
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         step = int(step)
@@ -123,12 +150,16 @@ class BatchMaker:
             stream=SAMPLE_STREAMS["labelled"],
             step=step,
         )
+        rows = self._my_rows(len(x_index))
+        x_index = x_index[rows]
         batch = {
             "y": self.labelled_labels[x_index],
             INDEX_KEYS["labelled"]: x_index.astype(np.int32),
         }
         if self.mode == "host":
-            batch[LABELLED] = self._augment(LABELLED, self.labelled_images, x_index, step)
+            batch[LABELLED] = self._augment(
+                LABELLED, self.labelled_images, x_index, step, rows.start
+            )
         if self.views:
             u_index = stream_indices(
                 len(self.unlabelled_images),
@@ -137,11 +168,15 @@ class BatchMaker:
                 stream=SAMPLE_STREAMS["unlabelled"],
                 step=step,
             )
+            rows = self._my_rows(len(u_index))
+            u_index = u_index[rows]
             batch["u_y"] = self.unlabelled_labels[u_index]
             batch[INDEX_KEYS["unlabelled"]] = u_index.astype(np.int32)
             if self.mode == "host":
                 for view in self.views:
-                    batch[view] = self._augment(view, self.unlabelled_images, u_index, step)
+                    batch[view] = self._augment(
+                        view, self.unlabelled_images, u_index, step, rows.start
+                    )
         return batch
 
 
@@ -280,6 +315,7 @@ def train_iterator(
     views: Sequence[str],
     start_step: int = 0,
     mode: str = "host",
+    part: tuple[int, int] | None = None,
 ) -> grain.DatasetIterator:
     """The training batches of steps start_step .. total_steps-1, as a checkpointable iterator.
 
@@ -287,6 +323,7 @@ def train_iterator(
     `start_step` as the saved run and calling `set_state` with the saved grain state (grain's
     position is counted from `start_step`). Both give the batches an uninterrupted run would.
     `mode="indices"` makes the same batches without images (for device augmentation).
+    `part=(p, P)`: only process p's rows of each batch (`BatchMaker`), as in a P-process run.
     Call `close()` when done to stop the worker processes (done at exit otherwise).
     """
     maker = BatchMaker(
@@ -298,6 +335,7 @@ def train_iterator(
         views=views,
         mode=mode,
         params=AugmentParams.from_config(config),
+        part=part,
     )
     total_steps = int(config.train.total_steps)
     if not 0 <= start_step <= total_steps:
