@@ -40,6 +40,7 @@ pytestmark = [
 # (semi-hard mining, every distance near-tied at initialisation, then mines other triplets),
 # so these runs use a 10x smaller lr.
 LR = 0.003
+CROP = 32
 FIRST_RTOL, FIRST_GRAD_NORM_RTOL = 2e-4, 1.5e-2
 LATER_RTOL, LATER_GRAD_NORM_RTOL = 2e-2, 5e-2
 # loss_dml is a mean over the mined triplets, whose number flips on near ties once the runs
@@ -67,6 +68,7 @@ KEYS = {
 def _config(name, cache_dir, *, num_seeds=1, seed=0, **train):
     config = tiny_run_config(name, cache_dir, **train)
     config.augment.where = "device"  # on a CPU `auto` means host, which trains one seed only
+    config.data.crop_size = CROP  # the same programs at a quarter of the pixels
     config.num_seeds = num_seeds
     config.seed = seed
     return config
@@ -270,6 +272,7 @@ def _launch(workdir, cache_dir):
         "--config.train.log_every=8",
         "--config.eval.after_training=False",
         "--config.train.steps_per_dispatch=4",
+        f"--config.data.crop_size={CROP}",
         f"--config.data.cache_dir={cache_dir}",
     ]
 
