@@ -57,8 +57,8 @@ VARIANTS = {k: v for i, (k, v) in enumerate(ALL_VARIANTS.items()) if FULL or i <
 # without the triplet term) on the host path across 2 processes gives bit-identical losses
 # at step 1 but gradients 1e-4 apart (1 process x 4 devices matches 1 x 1 there), and later
 # steps drift by up to ~17 %; likely (not confirmed) reassociation in gloo's cross-process
-# sums amplified by BatchNorm over 2-row device batches and CoMatch's sharp losses. That combination (opt-in, `full`) checks
-# step 1 and is marked xfail beyond it.
+# sums amplified by BatchNorm over 2-row device batches and CoMatch's sharp losses. That
+# combination (opt-in, `full`) checks step 1 and is marked xfail beyond it.
 KNOWN_DRIFT = {"triplet-host"}
 DEFAULT_LATER_RTOL = 2e-2
 DML_RTOL = 0.15  # measured: 4 % apart at step 8 on the device path
