@@ -46,6 +46,12 @@ from ssl_jax.run_config import (  # noqa: F401
 DAMAGED_DIR = "checkpoints_damaged"  # damaged checkpoints are moved here, never deleted
 
 
+def _not_missing_metric_notice(record: logging.LogRecord) -> bool:
+    """False for orbax's "did not provide metrics" warning: a checkpoint between evaluations
+    (checkpoint_every, SIGTERM) has no EMA top-1, and the best-by-top-1 policy skips it."""
+    return not str(record.msg).startswith("Requested `tracked_metric`; did not provide metrics")
+
+
 def _not_read_only_notice(record: logging.LogRecord) -> bool:
     """False for orbax's "Given directory is read only" warning, printed by every evaluation."""
     return not str(record.msg).startswith("Given directory is read only")
@@ -152,6 +158,8 @@ class Checkpointer:
         Raises CheckpointError when the previous background save failed, before writing more.
         """
         self._raise_save_error(wait=True)
+        absl_logger = logging.getLogger("absl")
+        absl_logger.addFilter(_not_missing_metric_notice)
         try:
             self.manager.save(
                 step,
@@ -166,6 +174,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"Could not save checkpoint {step} to {self.directory}: {_first_line(err)}"
             ) from err
+        finally:
+            absl_logger.removeFilter(_not_missing_metric_notice)
         self._saving_step = step
 
     def check_saves(self) -> None:
