@@ -11,7 +11,8 @@ beside them in `<workdir>/config.json`.
 Damaged checkpoints (a truncated or bit-flipped file, a missing metadata file) are moved aside
 to `<workdir>/checkpoints_damaged/<step>` by `restore_or_keep`, which then resumes from the
 newest intact one; a readable checkpoint that does not fit the train state is an error instead.
-A background save that fails stops the run at the next `check_saves()`.
+A background save that fails stops the run at the next `check_saves()`. Whether a checkpoint
+fits the state or model it is restored into is checked first (`ssl_jax.checkpoint_fit`).
 
 Multi-process runs (`ssl_jax.distributed`) save one logical checkpoint: every process calls
 `save` at the same step, Orbax writes each array once and process 0 the metadata and `meta`.
@@ -19,6 +20,7 @@ Multi-process runs (`ssl_jax.distributed`) save one logical checkpoint: every pr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -30,6 +32,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+from ssl_jax.checkpoint_fit import (  # noqa: E402,F401 - re-exported
+    check_checkpoint_matches_model,
+    check_fits,
+    saved_state_tree,
+)
 
 # The config side lives in run_config; re-exported so that checkpoint_lib.<name> keeps working.
 from ssl_jax.run_config import (  # noqa: F401
@@ -46,60 +54,26 @@ from ssl_jax.run_config import (  # noqa: F401
 DAMAGED_DIR = "checkpoints_damaged"  # damaged checkpoints are moved here, never deleted
 
 
-def _not_missing_metric_notice(record: logging.LogRecord) -> bool:
-    """False for orbax's "did not provide metrics" warning: a checkpoint between evaluations
-    (checkpoint_every, SIGTERM) has no EMA top-1, and the best-by-top-1 policy skips it."""
-    return not str(record.msg).startswith("Requested `tracked_metric`; did not provide metrics")
+# Orbax notices that say nothing to a user here: every evaluation opens the checkpoints
+# read-only, and a checkpoint between evaluations (checkpoint_every, SIGTERM) has no EMA top-1,
+# which the best-by-top-1 policy skips by design.
+READ_ONLY_NOTICE = "Given directory is read only"
+NO_METRIC_NOTICE = "Requested `tracked_metric`; did not provide metrics"
 
 
-def _not_read_only_notice(record: logging.LogRecord) -> bool:
-    """False for orbax's "Given directory is read only" warning, printed by every evaluation."""
-    return not str(record.msg).startswith("Given directory is read only")
+@contextlib.contextmanager
+def _without_absl_notice(prefix: str):
+    """Drops absl log records (orbax logs through absl) that start with `prefix`."""
+    logger = logging.getLogger("absl")
 
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(prefix)
 
-def _shapes_by_path(tree, prefix: str) -> dict[str, tuple]:
-    return {
-        prefix + "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-    }
-
-
-def check_checkpoint_matches_model(step_dir: str, abstract: dict, *, online: bool, describe: str):
-    """Compares the parameter names and shapes in a checkpoint with the model's, before restoring.
-
-    Orbax's partial restore silently keeps the checkpoint's shapes and leaves absent entries
-    unfilled, so a config.json edited to another model would otherwise give garbage.
-    """
-    from etils import epath
-
-    state_dir = os.path.join(step_dir, "state")
-    if not os.path.isdir(state_dir):
-        raise CheckpointError(f"{step_dir} holds no 'state' item: it is not an ssl_jax checkpoint.")
-    saved_tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
-    prefix = "" if online else "ema_"
-    problems = []
-    for name in ("params", "batch_stats"):
-        expected = _shapes_by_path(abstract.get(name, {}), f"{name}/")
-        stored = saved_tree[f"{prefix}{name}"] if f"{prefix}{name}" in saved_tree else {}
-        saved = _shapes_by_path(stored, f"{name}/")
-        problems += [
-            f"{k}: missing from the checkpoint" for k in sorted(set(expected) - set(saved))
-        ]
-        problems += [
-            f"{k}: in the checkpoint, not in the model" for k in sorted(set(saved) - set(expected))
-        ]
-        problems += [
-            f"{k}: checkpoint shape {saved[k]}, model shape {expected[k]}"
-            for k in sorted(set(saved) & set(expected))
-            if saved[k] != expected[k]
-        ]
-    if problems:
-        raise CheckpointError(
-            f"The checkpoint {step_dir} was not written by the model that config.json describes "
-            f"({describe}): {len(problems)} mismatch(es), e.g. " + "; ".join(problems[:4]) + ". "
-            "Was config.json edited or the checkpoint copied from another run? Restore "
-            "config.json from the run that wrote the checkpoint."
-        )
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 class Checkpointer:
@@ -139,12 +113,8 @@ class Checkpointer:
             if read_only and jax.process_count() > 1
             else ocp.options.MultiprocessingOptions(),
         )
-        absl_logger = logging.getLogger("absl")
-        absl_logger.addFilter(_not_read_only_notice)
-        try:
+        with _without_absl_notice(READ_ONLY_NOTICE):
             self.manager = ocp.CheckpointManager(self.directory, options=options)
-        finally:
-            absl_logger.removeFilter(_not_read_only_notice)
         self.damaged_directory = os.path.join(os.path.abspath(workdir), DAMAGED_DIR)
         self._saving_step: int | None = None  # the latest background save, until it is done
         self._save_error: CheckpointError | None = None
@@ -158,24 +128,21 @@ class Checkpointer:
         Raises CheckpointError when the previous background save failed, before writing more.
         """
         self._raise_save_error(wait=True)
-        absl_logger = logging.getLogger("absl")
-        absl_logger.addFilter(_not_missing_metric_notice)
         try:
-            self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-                ),
-                metrics=None if ema_top1 is None else {"ema_top1": float(ema_top1)},
-                force=True,
-            )
+            with _without_absl_notice(NO_METRIC_NOTICE):
+                self.manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                    ),
+                    metrics=None if ema_top1 is None else {"ema_top1": float(ema_top1)},
+                    force=True,
+                )
         except Exception as err:
             self._save_reported = True
             raise CheckpointError(
                 f"Could not save checkpoint {step} to {self.directory}: {_first_line(err)}"
             ) from err
-        finally:
-            absl_logger.removeFilter(_not_missing_metric_notice)
         self._saving_step = step
 
     def check_saves(self) -> None:
@@ -275,10 +242,10 @@ class Checkpointer:
 
     def _read_train(self, step: int, step_dir: str, abstract):
         try:
-            saved = _saved_state_tree(step_dir)
+            saved = saved_state_tree(step_dir)
         except Exception as err:
             raise _Damaged from err
-        _check_fits(saved, abstract, step_dir)
+        check_fits(saved, abstract, step_dir)
         try:
             restored = self.manager.restore(
                 step,
@@ -418,54 +385,3 @@ class _Damaged(Exception):
 def _is_resource_error(err: BaseException) -> bool:
     """Out of memory while restoring: the checkpoint may be fine, so it is not moved aside."""
     return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)
-
-
-def _saved_state_tree(step_dir: str) -> dict:
-    """`{"params/conv/kernel": metadata with .shape and .dtype, ...}` of a checkpoint's state.
-
-    Reads the tree metadata and every array's header: fails on a missing or damaged one.
-    """
-    from etils import epath
-
-    state_dir = os.path.join(step_dir, "state")
-    if not os.path.isdir(state_dir):
-        raise FileNotFoundError(f"{step_dir} holds no 'state' item")
-    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
-    return ocp.tree.to_flat_dict(metadata, sep="/")
-
-
-def _check_fits(saved: dict, abstract, step_dir: str) -> None:
-    """Raises CheckpointError where a readable checkpoint's tree is not that of `abstract`."""
-    expected = ocp.tree.to_flat_dict(abstract, sep="/")
-    missing = sorted(set(expected) - set(saved))
-    extra = sorted(set(saved) - set(expected))
-    differ = [
-        f"{key}: checkpoint {tuple(saved[key].shape)} {np.dtype(saved[key].dtype).name}, "
-        f"now {tuple(expected[key].shape)} {np.dtype(expected[key].dtype).name}"
-        for key in sorted(set(saved) & set(expected))
-        if tuple(saved[key].shape) != tuple(expected[key].shape)
-        or np.dtype(saved[key].dtype) != np.dtype(expected[key].dtype)
-    ]
-    if not (missing or extra or differ):
-        return
-    new_fields = sorted({k.split("/")[0] for k in missing} - {k.split("/")[0] for k in saved})
-    if new_fields:
-        raise CheckpointError(
-            f"The checkpoint {step_dir} was written by an older ssl_jax: it lacks the train "
-            f"state's {', '.join(new_fields)}, so this version cannot resume it exactly. Use a "
-            "new --workdir (evaluation of this workdir still works), or finish the run with the "
-            "ssl_jax version that started it."
-        )
-    problems = (
-        [f"{k}: missing from the checkpoint" for k in missing]
-        + [f"{k}: in the checkpoint, not in the train state" for k in extra]
-        + differ
-    )
-    raise CheckpointError(
-        f"The checkpoint {step_dir} is intact but does not fit the train state that the "
-        f"current config and ssl_jax build ({len(problems)} mismatch(es), e.g. "
-        + "; ".join(problems[:4])
-        + "). Was config.json edited, the checkpoint copied from another run, or ssl_jax "
-        "changed? Resume with the config and version that wrote it, or use a new --workdir. "
-        "Nothing was moved or overwritten."
-    )

@@ -2,7 +2,7 @@
 
 The mesh spans every process's devices (`jax.devices()`, ordered by process), so in a
 multi-process run (`ssl_jax.distributed`) each process holds a contiguous block of each
-batch's rows: `process_rows` says which, and `shard_batch` assembles the global batch from
+batch's rows: `process_rows` says which, and `global_arrays` assembles the global batch from
 each process's own rows.
 """
 

@@ -16,7 +16,6 @@ task died". Rerunning the same commands resumes from the last checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
@@ -46,15 +45,13 @@ class Launch:
 
     def check(self) -> None:
         """Raises ValueError naming what is missing or wrong."""
-        if not self.wanted:
-            return
+        if not self.wanted or self.auto:
+            return  # single process, or JAX fills in what was not given from the cluster
         given = {
             "--coordinator_address": self.coordinator_address,
             "--num_processes": self.num_processes,
             "--process_id": self.process_id,
         }
-        if self.auto:
-            return  # JAX fills in what was not given from the cluster's environment
         missing = [name for name, value in given.items() if value is None]
         if missing:
             raise ValueError(
@@ -129,20 +126,6 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(flags))
 
 
-def same_in_every_process(value: int, what: str) -> None:
-    """Raises ValueError if `value` differs between the processes (a mismatched command)."""
-    if not multi_process():
-        return
-    from jax.experimental import multihost_utils
-
-    values = multihost_utils.process_allgather(np.asarray(value, np.int64)).tolist()
-    if len(set(values)) > 1:
-        raise ValueError(
-            f"The processes disagree on {what}: {values} (process 0, 1, ...). Start every "
-            "process with the same command, apart from --process_id."
-        )
-
-
 def local_copy(tree):
     """Each leaf as an array on this process's first device (a replicated global array's own
     copy), so that inference runs in this process alone, with no collectives."""
@@ -154,13 +137,3 @@ def local_copy(tree):
         return jax.device_put(x, device) if isinstance(x, jax.Array) else x
 
     return jax.tree.map(local, tree)
-
-
-def environment_summary() -> dict:
-    """What the run row records about the processes."""
-    return {
-        "process_count": jax.process_count(),
-        "global_device_count": jax.device_count(),
-        "local_device_count": jax.local_device_count(),
-        "host": os.uname().nodename,
-    }

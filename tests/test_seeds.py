@@ -114,7 +114,7 @@ def test_a_seed_of_a_two_seed_run_is_the_single_run_with_that_seed(name, runs):
     # One jitted program trains both seeds: one function, one compiled signature.
     assert len(made) == 1 and made[0]._cache_size() == 1
     step_dir = two / "checkpoints" / "4"
-    saved = checkpoint_lib._saved_state_tree(str(step_dir))
+    saved = checkpoint_lib.saved_state_tree(str(step_dir))
     kernels = [v.shape for k, v in saved.items() if k.startswith("params/")]
     assert kernels and all(shape[0] == 2 for shape in kernels)  # stacked: leading seed axis
     assert saved["step"].shape == (2,)
